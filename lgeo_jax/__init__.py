@@ -1,0 +1,29 @@
+"""lgeo_jax: the feature geometry of LoRA adapters, in JAX.
+
+Public API (DESIGN.md section 3): `load_model`, `residuals`, `load_adapter`, and the model/adapter types.
+"""
+
+from lgeo_jax._residuals import check_layers, residuals
+from lgeo_jax.lora import (
+    AdapterSpec,
+    LoraAdapters,
+    concat_adapters,
+    init_adapters,
+    load_adapter,
+    save_adapter,
+)
+from lgeo_jax.model import (
+    Gemma2,
+    Gemma2Config,
+    abstract_model,
+    count_params,
+    init_model,
+    load_model,
+    save_model,
+)
+
+__all__ = [
+    "AdapterSpec", "Gemma2", "Gemma2Config", "LoraAdapters", "abstract_model", "check_layers", "concat_adapters",
+    "count_params", "init_adapters", "init_model", "load_adapter", "load_model", "residuals", "save_adapter",
+    "save_model",
+]

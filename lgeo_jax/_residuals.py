@@ -1,0 +1,70 @@
+"""`residuals`: the base model's and every adapter's residual streams from one jitted pass."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from lgeo_jax.lora import LoraAdapters, prepare_adapters, stacked_lora
+from lgeo_jax.model import Gemma2
+
+
+def check_layers(layers: Sequence[int], n_layers: int) -> tuple[int, ...]:
+    """Validates a list of layer indices (0-based, block outputs) against the model depth."""
+    layers = tuple(int(layer) for layer in layers)
+    if not layers:
+        raise ValueError("layers is empty: ask for at least one layer")
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the model has {n_layers} layers (valid 0..{n_layers - 1})")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers {list(layers)} contains duplicates")
+    return layers
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layers", "n_adapters", "dtype"))
+def _residuals_jit(graphdef, state, input_ids, attention_mask, lora, *, layers, n_adapters, dtype):
+    model = nnx.merge(graphdef, state)
+    x, positions, valid = model._prepare(input_ids, attention_mask, n_adapters, dtype)
+    # Only the blocks up to the deepest requested layer run; no final norm, no LM head.
+    _, captured = model.run_blocks(x, positions, valid, n_layers=max(layers) + 1, capture=layers, lora=lora)
+    c, _, t, d = captured.shape
+    return captured.reshape(c, n_adapters, -1, t, d).transpose(1, 0, 2, 3, 4)  # [A, C, B, T, D]
+
+
+def residuals(
+    model: Gemma2,
+    input_ids: Int[Array, "B T"],
+    *,
+    layers: Sequence[int],
+    adapters: Sequence[LoraAdapters] | LoraAdapters = (),
+    attention_mask: Int[Array, "B T"] | None = None,
+    dtype: jnp.dtype | None = None,
+) -> Float[Array, "A C B T D"]:
+    """Residual streams after the given blocks: `(1 + n_adapters, len(layers), batch, seq, d_model)` float32.
+
+    Index 0 on the first axis is the base model, index i the i-th adapter (stacks count one per adapter),
+    all from one jitted pass that reads each base weight once. Layer L is the output of block L before any
+    final norm (HF `hidden_states[L + 1]`). `dtype` is the activation dtype (default: the parameters');
+    float32 with bf16 weights keeps small adapter deltas above the residual stream's rounding noise.
+    """
+    stack = prepare_adapters(adapters, model.config)
+    lora = None if stack is None else stacked_lora(stack)
+    n_adapters = 0 if stack is None else len(stack)
+    layers = check_layers(layers, model.config.n_layers)
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    attention_mask = jnp.asarray(attention_mask, jnp.int32)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+    graphdef, state = nnx.split(model)
+    return _residuals_jit(graphdef, state, input_ids, attention_mask, lora, layers=layers,
+                          n_adapters=1 + n_adapters, dtype=None if dtype is None else jnp.dtype(dtype).name)

@@ -1,0 +1,160 @@
+"""Gemma-2 building blocks in Flax NNX: RMSNorm, attention, GeGLU MLP and the decoder block.
+
+Einsum letters, used everywhere in this package:
+  B batch (the adapter axis A folded in front when adapters run), T query positions, S key positions,
+  D d_model, N query heads, K key/value heads, G query heads per kv head, H head_dim, F mlp width,
+  V vocabulary, A adapters (base included), R LoRA rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lgeo_jax.model._config import Gemma2Config
+
+# HF initializer_range for Gemma-2: every projection and the embedding start at N(0, 0.02^2).
+_INIT = nnx.initializers.normal(stddev=0.02)
+# Finite "minus infinity": a query row whose keys are all masked (left padding) gets a uniform softmax
+# instead of NaN, so padded rows stay finite and never poison a reduction.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraFactors:
+    """One layer's LoRA factors for one projection, for all adapters at once (base = the zero adapter).
+
+    Stored in PEFT's flat layout, transposed: a: [A, In, R], b: [A, R, Out], where In/Out are the base
+    weight's contracted/produced axes flattened (q: In = D, Out = N*H; o: In = N*H, Out = D).
+    scale: [A] (alpha / r, or alpha / sqrt(r) for rsLoRA; 0 for the base slot). Ranks are zero-padded to R.
+    """
+
+    a: jax.Array
+    b: jax.Array
+    scale: jax.Array
+
+
+jax.tree_util.register_dataclass(LoraFactors, data_fields=["a", "b", "scale"], meta_fields=[])
+
+
+def project(spec: str, x: jax.Array, w: jax.Array, lora: LoraFactors | None = None) -> jax.Array:
+    """`einsum(spec, x, w)` plus, when given, every adapter's low-rank update derived from the same spec.
+
+    The adapter axis is folded into x's leading batch axis ([A*B, ...]) so the base matmul reads `w` once
+    for all adapters. The LoRA path is derived from the base einsum (`BTD,DNH->BTNH` becomes
+    `ABTD,ADR->ABTR` and `ABTR,ARNH->ABTNH`), so one rule covers every projection.
+    """
+    y = jnp.einsum(spec, x, w.astype(x.dtype))
+    if lora is None:
+        return y
+    lhs, out = spec.split("->")
+    x_letters, w_letters = lhs.split(",")
+    contracted = "".join(c for c in w_letters if c not in out)
+    produced = "".join(c for c in w_letters if c in out)
+    kept = "".join(c for c in x_letters if c not in contracted)
+    dims = dict(zip(w_letters, w.shape, strict=True))
+    n_adapters, _, rank = lora.a.shape
+    a = lora.a.astype(x.dtype).reshape(n_adapters, *(dims[c] for c in contracted), rank)
+    b = lora.b.astype(x.dtype).reshape(n_adapters, rank, *(dims[c] for c in produced))
+    xa = x.reshape(n_adapters, -1, *x.shape[1:])  # [A, B, ...]
+    h = jnp.einsum(f"A{x_letters},A{contracted}R->A{kept}R", xa, a)  # [A, B, T, R]
+    h = h * lora.scale.astype(x.dtype).reshape((n_adapters,) + (1,) * (h.ndim - 1))
+    delta = jnp.einsum(f"A{kept}R,AR{produced}->A{out}", h, b)
+    return y + delta.reshape(y.shape)
+
+
+class RMSNorm(nnx.Module):
+    """Gemma's RMSNorm: `x / rms(x) * (1 + w)`, computed in float32 whatever the activation dtype."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary embedding in the half-split layout of Gemma/HF. x: [B, T, N, H]; positions: [B, T]."""
+    head_dim = x.shape[-1]
+    half = head_dim // 2
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)  # [B, T, 1, H/2]
+    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with Gemma-2's logit softcap and query_pre_attn_scalar scaling."""
+
+    def __init__(self, cfg: Gemma2Config, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.q = nnx.Param(_INIT(rngs.params(), (d, n, h), param_dtype), logical_axes=("embed", "heads", "head_dim"))
+        self.k = nnx.Param(_INIT(rngs.params(), (d, k, h), param_dtype),
+                           logical_axes=("embed", "kv_heads", "head_dim"))
+        self.v = nnx.Param(_INIT(rngs.params(), (d, k, h), param_dtype),
+                           logical_axes=("embed", "kv_heads", "head_dim"))
+        self.o = nnx.Param(_INIT(rngs.params(), (n, h, d), param_dtype), logical_axes=("heads", "head_dim", "embed"))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 lora: dict[str, LoraFactors]) -> jax.Array:
+        """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] (True = may attend)."""
+        cfg = self.cfg
+        q = project("BTD,DNH->BTNH", x, self.q[...], lora.get("q"))  # [B, T, N, H]
+        k = project("BSD,DKH->BSKH", x, self.k[...], lora.get("k"))  # [B, S, K, H]
+        v = project("BSD,DKH->BSKH", x, self.v[...], lora.get("v"))  # [B, S, K, H]
+        q = apply_rope(q, positions, cfg.rope_base)
+        k = apply_rope(k, positions, cfg.rope_base)
+        b, t = q.shape[:2]
+        q = q.reshape(b, t, cfg.n_kv_heads, cfg.n_groups, cfg.head_dim)  # [B, T, K, G, H]
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+        logits = softcap(logits * cfg.query_pre_attn_scalar**-0.5, cfg.attn_logit_softcap)
+        logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)  # [B, K, G, T, S]
+        probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, cfg.n_heads, cfg.head_dim)
+        return project("BTNH,NHD->BTD", out, self.o[...], lora.get("o"))  # [B, T, D]
+
+
+class MLP(nnx.Module):
+    """GeGLU feed-forward with the tanh-approximate GELU."""
+
+    def __init__(self, cfg: Gemma2Config, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.mlp_dim
+        self.gate = nnx.Param(_INIT(rngs.params(), (d, f), param_dtype), logical_axes=("embed", "mlp"))
+        self.up = nnx.Param(_INIT(rngs.params(), (d, f), param_dtype), logical_axes=("embed", "mlp"))
+        self.down = nnx.Param(_INIT(rngs.params(), (f, d), param_dtype), logical_axes=("mlp", "embed"))
+
+    def __call__(self, x: jax.Array, lora: dict[str, LoraFactors]) -> jax.Array:
+        gate = project("BTD,DF->BTF", x, self.gate[...], lora.get("gate"))  # [B, T, F]
+        up = project("BTD,DF->BTF", x, self.up[...], lora.get("up"))  # [B, T, F]
+        return project("BTF,FD->BTD", jax.nn.gelu(gate, approximate=True) * up, self.down[...], lora.get("down"))
+
+
+class Block(nnx.Module):
+    """One decoder layer: sandwich norms around attention and the MLP (four RMSNorms)."""
+
+    def __init__(self, cfg: Gemma2Config, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        norm = lambda: RMSNorm(cfg.d_model, eps=cfg.rms_eps, param_dtype=param_dtype)
+        self.pre_attn_norm = norm()
+        self.attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.post_attn_norm = norm()
+        self.pre_mlp_norm = norm()
+        self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.post_mlp_norm = norm()
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 lora: dict[str, LoraFactors]) -> jax.Array:
+        x = x + self.post_attn_norm(self.attn(self.pre_attn_norm(x), positions, mask, lora))
+        return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x), lora))

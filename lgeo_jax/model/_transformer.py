@@ -1,0 +1,125 @@
+"""The Gemma-2 stack: embedding, a scanned block stack with residual capture, final norm and LM head."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lgeo_jax.model._config import Gemma2Config
+from lgeo_jax.model._layers import _INIT, Block, LoraFactors, RMSNorm, softcap
+
+# Per-layer LoRA factors for the whole stack: target name ("q", "k", ..., "down") -> factors whose
+# arrays carry a leading layer axis [L, A, ...]. Base weights never see these.
+StackedLora = Mapping[str, LoraFactors]
+
+
+class Gemma2(nnx.Module):
+    """Gemma-2 decoder. Block parameters are stacked along a leading layer axis and run in a loop.
+
+    The loop indexes one layer's weights per iteration (a scan with static trip count), so compile time
+    does not grow with depth, and local/global attention is a per-layer window value, not separate code.
+    """
+
+    def __init__(self, cfg: Gemma2Config, *, param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed = nnx.Param(_INIT(rngs.params(), (cfg.vocab_size, cfg.d_model), param_dtype),
+                               logical_axes=("vocab", "embed"))
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, param_dtype=param_dtype, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, param_dtype=param_dtype)
+
+    # ---- pieces ------------------------------------------------------------------------------------
+    def embed_tokens(self, input_ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        """[B, T] -> [B, T, D], scaled by sqrt(d_model) rounded to the activation dtype (59.75 for 9B bf16)."""
+        normalizer = jnp.asarray(self.config.d_model**0.5, dtype=dtype)
+        return self.embed[...][input_ids].astype(dtype) * normalizer
+
+    def run_blocks(self, x: jax.Array, positions: jax.Array, valid: jax.Array, *, n_layers: int,
+                   capture: Sequence[int] = (), lora: StackedLora | None = None,
+                   remat: bool = False) -> tuple[jax.Array, jax.Array]:
+        """Runs blocks 0..n_layers-1 on x [B, T, D] and captures the residual after each layer in `capture`.
+
+        valid: [B, T] bool (False = padding). Returns (x after block n_layers-1, captured [C, B, T, D] float32
+        in the order of `capture`).
+        """
+        cfg = self.config
+        windows = jnp.asarray(cfg.layer_windows()[:n_layers], jnp.int32)  # [L]; 0 = global
+        slots = np.full((n_layers,), -1, np.int32)
+        for slot, layer in enumerate(capture):
+            slots[layer] = slot
+        slots = jnp.asarray(slots)
+        idx = jnp.arange(x.shape[1])
+        causal_valid = (idx[None, :, None] >= idx[None, None, :]) & valid[:, None, :]  # [B, T, S]
+        offset = idx[:, None] - idx[None, :]  # [T, S] query index minus key index
+        graphdef, stacked = nnx.split(self.blocks)
+        lora = dict(lora or {})
+
+        def layer_step(x, stacked_l, lora_l, window):
+            mask = causal_valid & ((window == 0) | (offset < window))[None]  # [B, T, S]
+            return nnx.merge(graphdef, stacked_l)(x, positions, mask, lora_l)
+
+        if remat:
+            layer_step = jax.checkpoint(layer_step)
+
+        def body(layer, carry):
+            x, captured = carry
+            take = lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)
+            x = layer_step(x, jax.tree.map(take, stacked), jax.tree.map(take, lora), windows[layer])
+            if capture:
+                slot = slots[layer]
+                captured = jax.lax.cond(slot >= 0, lambda c: c.at[slot].set(x.astype(jnp.float32)),
+                                        lambda c: c, captured)
+            return x, captured
+
+        captured = jnp.zeros((len(capture),) + x.shape, jnp.float32)
+        return jax.lax.fori_loop(0, n_layers, body, (x, captured))
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final norm, tied LM head and final softcap: [B, T, D] -> [B, T, V] float32."""
+        h = self.final_norm(x)
+        out = jnp.einsum("BTD,VD->BTV", h, self.embed[...].astype(h.dtype), preferred_element_type=jnp.float32)
+        return softcap(out, self.config.final_logit_softcap)
+
+    # ---- whole passes ------------------------------------------------------------------------------
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 lora: StackedLora | None = None, n_adapters: int = 1, dtype: jnp.dtype | None = None,
+                 remat: bool = False) -> jax.Array:
+        """Logits [A, B, T, V] float32 for the base (A=1) or base plus adapters stacked in `lora`."""
+        x, positions, valid = self._prepare(input_ids, attention_mask, n_adapters, dtype)
+        x, _ = self.run_blocks(x, positions, valid, n_layers=self.config.n_layers, lora=lora, remat=remat)
+        out = self.logits(x)
+        return out.reshape(n_adapters, -1, *out.shape[1:])
+
+    def _prepare(self, input_ids, attention_mask, n_adapters, dtype):
+        """Embeds once, then tiles embedding, positions and validity over the adapter axis: [A*B, ...]."""
+        dtype = jnp.dtype(dtype or self.embed[...].dtype)
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        valid = attention_mask.astype(bool)
+        positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)  # [B, T]
+        x = self.embed_tokens(input_ids, dtype)  # [B, T, D]
+        tile = lambda a: jnp.broadcast_to(a[None], (n_adapters,) + a.shape).reshape(-1, *a.shape[1:])
+        return tile(x), tile(positions), tile(valid)
+
+
+def init_model(cfg: Gemma2Config, *, seed: int = 0, param_dtype: jnp.dtype = jnp.float32) -> Gemma2:
+    """A randomly initialised model (HF's N(0, 0.02) projections, zero norms)."""
+    return Gemma2(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: Gemma2Config, *, param_dtype: jnp.dtype = jnp.bfloat16) -> Gemma2:
+    """The model's shapes and dtypes only (`jax.eval_shape`): nothing is allocated."""
+    return nnx.eval_shape(lambda: Gemma2(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+
+
+def count_params(model: Gemma2) -> int:
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
