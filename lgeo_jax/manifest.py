@@ -1,0 +1,462 @@
+"""Stage directories under a run directory: manifests, staleness, resume, and atomic writes.
+
+A run directory holds one directory per pipeline stage (`runs/tiny/{data,base,adapters,corpus,saes,
+analysis,report}`), each with a `manifest.json` recording what the stage's output was made from:
+the hashes of the config sections it depends on and the fingerprints of the upstream manifests it
+read. Comparing those with the current config and upstream manifests tells a stage whether it is
+complete, resumable (interrupted with the same inputs), or stale (and which downstream stages that
+invalidates). Progress entries (`committed_batches`, finished units) live in the same manifest.
+
+Crash safety rests on one rule: nothing is renamed to its final name until it is fully written.
+Files go through a temp file in the same directory, fsync, `os.replace`; directories are built as
+`name.tmp-XXXX` and renamed when complete; a stage is complete only when its manifest says so.
+Leftovers of an interrupted write carry `.tmp-` in their name and are removed by
+`remove_temporaries` (a resumed stage does this itself). Call the writing functions from one
+process (process 0 on multi-host runs).
+
+Typical stage::
+
+    run = Run(config.run_dir, config)
+    stage = run.begin("saes", force=force)        # complete / resumed / fresh
+    if not stage.is_complete:
+        for unit in units:                        # e.g. "r4/L5"
+            if stage.is_done(unit):
+                continue
+            with atomic_directory(stage.path / unit, overwrite=True) as tmp:
+                write_outputs(tmp)
+            stage.mark_done(unit)
+        stage.finish()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from lgeo_jax.config import StudyConfig, canonical_json, section_hashes
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+TMP_MARK = ".tmp-"
+
+
+# ---- atomic writes ------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to `path` so that `path` holds either its old content or all of `data`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a fresh `path.tmp-XXXX` sibling to fill; renames it to `path` only if the block succeeds.
+
+    On an exception the temp directory is removed; after a hard crash it stays behind under its
+    temp name, which never looks complete. With `overwrite`, an existing `path` is replaced (moved
+    aside under a temp name first, so at no moment does a half-old, half-new `path` exist).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{path.name}{TMP_MARK}"))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f"{path.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """True for the leftovers of an unfinished atomic write (never a finished output)."""
+    return TMP_MARK in Path(path).name
+
+
+def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Deletes unfinished atomic writes anywhere under `directory`; returns what was removed.
+
+    Only for a directory no other process is writing into (stages call it when they resume).
+    """
+    removed = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        for name in [d for d in dirnames if is_temporary(d)]:
+            shutil.rmtree(os.path.join(dirpath, name))
+            removed.append(Path(dirpath, name))
+            dirnames.remove(name)
+        for name in filenames:
+            if is_temporary(name):
+                os.unlink(os.path.join(dirpath, name))
+                removed.append(Path(dirpath, name))
+    return sorted(removed)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+# ---- the pipeline's stages ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """A stage: the config sections its output depends on and the stages whose output it reads."""
+
+    name: str
+    sections: tuple[str, ...]
+    inputs: tuple[str, ...] = ()
+
+
+PIPELINE = (
+    StageSpec("data", sections=("data",)),  # records (synthetic ones written out) + tokenizer
+    StageSpec("base", sections=("model",), inputs=("data",)),  # the base model (builtin: pretrained here)
+    StageSpec("adapters", sections=("lora", "train"), inputs=("data", "base")),
+    StageSpec("corpus", sections=("extract",), inputs=("data", "base", "adapters")),
+    StageSpec("saes", sections=("sae",), inputs=("corpus",)),
+    StageSpec("analysis", sections=("analysis",), inputs=("corpus", "saes")),
+    StageSpec("report", sections=("report",), inputs=("analysis",)),
+)
+"""DESIGN.md section 1, one directory each; inputs always precede their consumers."""
+
+
+class Status(enum.Enum):
+    """What a manifest says about its stage."""
+
+    RUNNING = "running"
+    COMPLETE = "complete"
+
+
+class StageState(enum.Enum):
+    """What a stage should do now."""
+
+    MISSING = "missing"  # never started: run it
+    RESUMABLE = "resumable"  # interrupted with the same config and inputs: continue from its progress
+    COMPLETE = "complete"  # done with the same config and inputs: skip it
+    STALE = "stale"  # made from a different config or inputs: rerun it from scratch
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """The content of a stage's `manifest.json`."""
+
+    stage: str
+    status: Status
+    instance: str  # new for every fresh start, so a rerun upstream is visible downstream
+    sections: Mapping[str, str]  # section name -> section_hash
+    inputs: Mapping[str, str]  # upstream stage -> its fingerprint when this stage started
+    progress: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    done: tuple[str, ...] = ()  # finished units (e.g. "r4/L5"), each written atomically before listed
+    created: str = ""
+    updated: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies this output for downstream stages (progress and timestamps excluded)."""
+        ident = {
+            "stage": self.stage,
+            "instance": self.instance,
+            "sections": dict(self.sections),
+            "inputs": dict(self.inputs),
+        }
+        return hashlib.sha256(canonical_json(ident).encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "stage": self.stage,
+            "status": self.status.value,
+            "instance": self.instance,
+            "fingerprint": self.fingerprint,
+            "sections": dict(self.sections),
+            "inputs": dict(self.inputs),
+            "progress": dict(self.progress),
+            "done": list(self.done),
+            "created": self.created,
+            "updated": self.updated,
+        }
+
+    @classmethod
+    def from_json(cls, value: Any, source: str = MANIFEST_NAME) -> Manifest:
+        try:
+            if value["format"] != MANIFEST_FORMAT:
+                raise ValueError(f"format {value['format']!r}, expected {MANIFEST_FORMAT}")
+            manifest = cls(
+                stage=value["stage"],
+                status=Status(value["status"]),
+                instance=value["instance"],
+                sections=dict(value["sections"]),
+                inputs=dict(value["inputs"]),
+                progress=dict(value["progress"]),
+                done=tuple(value["done"]),
+                created=value["created"],
+                updated=value["updated"],
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{source}: not a valid stage manifest ({type(e).__name__}: {e}); delete the "
+                "stage directory or rerun the stage with force"
+            ) from e
+        if manifest.fingerprint != value.get("fingerprint"):
+            raise ValueError(
+                f"{source}: fingerprint does not match its content (edited by hand?); rerun the stage with force"
+            )
+        return manifest
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> Manifest | None:
+        """The manifest at `path`, or None if there is none."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); delete the stage directory or rerun with force") from e
+        return cls.from_json(value, source=os.fspath(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCheck:
+    """A stage's state with the reasons, and the existing downstream work a rerun would invalidate."""
+
+    stage: str
+    state: StageState
+    reasons: tuple[str, ...] = ()
+    changed_sections: tuple[str, ...] = ()
+    invalidated: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        text = f"{self.stage}: {self.state.value}"
+        if self.reasons:
+            text += f" ({'; '.join(self.reasons)})"
+        if self.invalidated:
+            text += f"; invalidates {', '.join(self.invalidated)}"
+        return text
+
+
+# ---- a run directory ----------------------------------------------------------------------------
+
+
+class Run:
+    """The stages of one study under `root`, judged against `config`."""
+
+    def __init__(self, root: str | os.PathLike, config: StudyConfig, pipeline: tuple[StageSpec, ...] = PIPELINE):
+        self.root = Path(root)
+        self.pipeline = pipeline
+        self._specs = {spec.name: spec for spec in pipeline}
+        seen: set[str] = set()
+        for spec in pipeline:
+            unknown = [i for i in spec.inputs if i not in seen]
+            if unknown:
+                raise ValueError(f"pipeline: stage '{spec.name}' reads {unknown}, which do not come before it")
+            seen.add(spec.name)
+        self._hashes = section_hashes(config)
+
+    def spec(self, name: str) -> StageSpec:
+        if name not in self._specs:
+            raise ValueError(f"unknown stage '{name}'; stages are {', '.join(self._specs)}")
+        return self._specs[name]
+
+    def stage_dir(self, name: str) -> Path:
+        return self.root / self.spec(name).name
+
+    def manifest(self, name: str) -> Manifest | None:
+        return Manifest.read(self.stage_dir(name) / MANIFEST_NAME)
+
+    def downstream(self, name: str) -> tuple[str, ...]:
+        """Every stage that reads `name`'s output, directly or through others, in pipeline order."""
+        affected = {self.spec(name).name}
+        for spec in self.pipeline:
+            if affected.intersection(spec.inputs):
+                affected.add(spec.name)
+        return tuple(s.name for s in self.pipeline if s.name in affected and s.name != name)
+
+    def check(self, name: str, *, force: bool = False) -> StageCheck:
+        """This stage's state judged from its own manifest and its inputs' manifests on disk."""
+        spec = self.spec(name)
+        try:
+            manifest = self.manifest(name)
+        except ValueError as e:
+            return self._stale(name, (str(e),), ())
+        if manifest is None:
+            return StageCheck(name, StageState.MISSING, invalidated=self._existing_downstream(name))
+        changed = tuple(s for s in spec.sections if manifest.sections.get(s) != self._hashes[s])
+        reasons = [f"config section '{s}' changed" for s in changed]
+        for inp in spec.inputs:
+            try:
+                upstream = self.manifest(inp)
+            except ValueError:
+                upstream = None
+            if upstream is None or upstream.status is not Status.COMPLETE:
+                reasons.append(f"input '{inp}' is {'missing' if upstream is None else 'not complete'}")
+            elif manifest.inputs.get(inp) != upstream.fingerprint:
+                reasons.append(f"input '{inp}' was rerun since")
+        if force:
+            reasons.append("forced")
+        if reasons:
+            return self._stale(name, tuple(reasons), changed)
+        state = StageState.COMPLETE if manifest.status is Status.COMPLETE else StageState.RESUMABLE
+        return StageCheck(name, state)
+
+    def plan(self, force: tuple[str, ...] = ()) -> list[StageCheck]:
+        """Every stage's state, with a rerun upstream making finished downstream work stale."""
+        for name in force:
+            self.spec(name)
+        checks: dict[str, StageCheck] = {}
+        for spec in self.pipeline:
+            check = self.check(spec.name, force=spec.name in force)
+            rerun = [i for i in spec.inputs if checks[i].state in (StageState.STALE, StageState.MISSING)]
+            if rerun and check.state in (StageState.COMPLETE, StageState.RESUMABLE):
+                check = self._stale(spec.name, tuple(f"input '{i}' will rerun" for i in rerun), ())
+            checks[spec.name] = check
+        return list(checks.values())
+
+    def begin(self, name: str, *, force: bool = False) -> StageRun:
+        """Opens a stage for work: complete -> nothing to do (`StageRun.is_complete`); resumable ->
+        its progress so far; missing, stale or forced -> a fresh, empty directory (old output removed)."""
+        check = self.check(name, force=force)
+        if check.state is StageState.COMPLETE:
+            return StageRun(self.stage_dir(name), self.manifest(name))
+        if check.state is StageState.RESUMABLE:
+            remove_temporaries(self.stage_dir(name))  # half-written files of the interrupted attempt
+            return StageRun(self.stage_dir(name), self.manifest(name))
+        spec = self.spec(name)
+        inputs = {}
+        for inp in spec.inputs:
+            upstream = self.manifest(inp)
+            if upstream is None or upstream.status is not Status.COMPLETE:
+                raise ValueError(
+                    f"stage '{name}' cannot start: its input stage '{inp}' is "
+                    f"{'missing' if upstream is None else 'not complete'}; run '{inp}' first"
+                )
+            inputs[inp] = upstream.fingerprint
+        directory = self.stage_dir(name)
+        for leftover in self.root.glob(f"{directory.name}{TMP_MARK}*"):  # from a crash while clearing
+            shutil.rmtree(leftover)
+        if directory.exists():  # moved aside first, so a crash mid-delete leaves only a temp name
+            aside = directory.with_name(f"{directory.name}{TMP_MARK}stale-{uuid.uuid4().hex[:8]}")
+            os.replace(directory, aside)
+            shutil.rmtree(aside)
+        directory.mkdir(parents=True)
+        now = _now()
+        manifest = Manifest(
+            stage=name,
+            status=Status.RUNNING,
+            instance=uuid.uuid4().hex,
+            sections={s: self._hashes[s] for s in spec.sections},
+            inputs=inputs,
+            created=now,
+            updated=now,
+        )
+        atomic_write_json(directory / MANIFEST_NAME, manifest.to_json())
+        return StageRun(directory, manifest)
+
+    def _existing_downstream(self, name: str) -> tuple[str, ...]:
+        return tuple(d for d in self.downstream(name) if (self.stage_dir(d) / MANIFEST_NAME).exists())
+
+    def _stale(self, name: str, reasons: tuple[str, ...], changed: tuple[str, ...]) -> StageCheck:
+        return StageCheck(name, StageState.STALE, reasons, changed, self._existing_downstream(name))
+
+
+class StageRun:
+    """An open stage: records progress in its manifest (atomically) and marks it complete."""
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path = path
+        self._manifest = manifest
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._manifest
+
+    @property
+    def is_complete(self) -> bool:
+        return self._manifest.status is Status.COMPLETE
+
+    @property
+    def progress(self) -> Mapping[str, Any]:
+        return self._manifest.progress
+
+    def is_done(self, unit: str) -> bool:
+        return unit in self._manifest.done
+
+    def update(self, **entries: Any) -> None:
+        """Merges JSON-serialisable progress entries (e.g. `committed_batches=12`) into the manifest."""
+        self._write(progress={**self._manifest.progress, **entries})
+
+    def mark_done(self, *units: str) -> None:
+        """Records finished units; write each unit's output atomically *before* marking it."""
+        done = self._manifest.done + tuple(u for u in dict.fromkeys(units) if u not in self._manifest.done)
+        self._write(done=done)
+
+    def finish(self) -> None:
+        """Marks the stage complete; downstream stages may now read it."""
+        self._write(status=Status.COMPLETE)
+
+    def _write(self, **changes: Any) -> None:
+        if self.is_complete:
+            raise ValueError(f"stage '{self._manifest.stage}' is complete; begin it with force to change it")
+        manifest = dataclasses.replace(self._manifest, updated=_now(), **changes)
+        atomic_write_json(self.path / MANIFEST_NAME, manifest.to_json())
+        self._manifest = manifest
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
