@@ -30,14 +30,19 @@ class LoraFactors:
     Stored in PEFT's flat layout, transposed: a: [A, In, R], b: [A, R, Out], where In/Out are the base
     weight's contracted/produced axes flattened (q: In = D, Out = N*H; o: In = N*H, Out = D).
     scale: [A] (alpha / r, or alpha / sqrt(r) for rsLoRA; 0 for the base slot). Ranks are zero-padded to R.
+    For training, LoRA dropout (PEFT's: on the adapter's input only) needs `dropout_key` (a PRNG key) and
+    `dropout_keep` [A] (keep probabilities, 1 = no dropout).
     """
 
     a: jax.Array
     b: jax.Array
     scale: jax.Array
+    dropout_keep: jax.Array | None = None
+    dropout_key: jax.Array | None = None
 
 
-jax.tree_util.register_dataclass(LoraFactors, data_fields=["a", "b", "scale"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    LoraFactors, data_fields=["a", "b", "scale", "dropout_keep", "dropout_key"], meta_fields=[])
 
 
 def project(spec: str, x: jax.Array, w: jax.Array, lora: LoraFactors | None = None) -> jax.Array:
@@ -60,6 +65,10 @@ def project(spec: str, x: jax.Array, w: jax.Array, lora: LoraFactors | None = No
     a = lora.a.astype(x.dtype).reshape(n_adapters, *(dims[c] for c in contracted), rank)
     b = lora.b.astype(x.dtype).reshape(n_adapters, rank, *(dims[c] for c in produced))
     xa = x.reshape(n_adapters, -1, *x.shape[1:])  # [A, B, ...]
+    if lora.dropout_key is not None:
+        keep = lora.dropout_keep.astype(x.dtype).reshape((n_adapters,) + (1,) * (xa.ndim - 1))
+        survives = jax.random.bernoulli(lora.dropout_key, keep, xa.shape)
+        xa = jnp.where(survives, xa / keep, 0).astype(x.dtype)
     h = jnp.einsum(f"A{x_letters},A{contracted}R->A{kept}R", xa, a)  # [A, B, T, R]
     h = h * lora.scale.astype(x.dtype).reshape((n_adapters,) + (1,) * (h.ndim - 1))
     delta = jnp.einsum(f"A{kept}R,AR{produced}->A{out}", h, b)
