@@ -39,7 +39,12 @@ def mid_size_hf_config(layers: int = 8):
         query_pre_attn_scalar=64, attn_implementation="eager")
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def write_markdown(path: str, title: str, lines: list[str]) -> None:
+    """Writes a benchmark result; relative paths are relative to the repository root, not the cwd."""
+    path = os.path.join(REPO, path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(f"# {title}\n\nMachine: {machine()}.\n\n" + "\n".join(lines) + "\n")

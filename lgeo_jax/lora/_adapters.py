@@ -96,6 +96,10 @@ class AdapterSpec:
             return 0
         return int(_pattern_value(self.rank_pattern, module_name(layer, target), self.rank))
 
+    def trainable_params(self, n_layers: int, dims: Mapping[str, tuple[int, int]]) -> int:
+        """LoRA parameters r * (in + out) summed over transformed modules; dims: target -> (in, out)."""
+        return sum(self.module_rank(layer, t) * sum(dims[t]) for t in self.targets for layer in range(n_layers))
+
     def module_scaling(self, layer: int, target: str) -> float:
         """alpha / r (alpha / sqrt(r) with rsLoRA) at one module; 0 where it does not transform it."""
         r = self.module_rank(layer, target)
@@ -153,13 +157,13 @@ class LoraAdapters(nnx.Module):
 
     def trainable_count(self) -> list[int]:
         """Trainable parameters per adapter, excluding rank padding (what PEFT reports)."""
-        counts = [0] * len(self)
-        for t in self.targets:
-            a, b, _ = self.factors(t)
-            for i, spec in enumerate(self.specs):
-                ranks = sum(spec.module_rank(layer, t) for layer in range(a.shape[0]))
-                counts[i] += ranks * (a.shape[2] + b.shape[3])
-        return counts
+        dims = {t: (self.factors(t)[0].shape[2], self.factors(t)[1].shape[3]) for t in self.targets}
+        return [spec.trainable_params(self.n_layers(), dims) for spec in self.specs]
+
+
+def target_dims(cfg: Gemma2Config) -> dict[str, tuple[int, int]]:
+    """Flattened (in, out) features of every LoRA-targetable projection of a model shape."""
+    return {t: (d_in(cfg), d_out(cfg)) for t, (_, d_in, d_out) in TARGETS.items()}
 
 
 def rank_mask_and_scale(specs: Sequence[AdapterSpec], target: str, n_layers: int,
