@@ -60,3 +60,29 @@ def split_config(config: StudyConfig) -> SplitConfig:
 def tokenize_config(config: StudyConfig) -> TokenizeConfig:
     return TokenizeConfig(max_length=config.data.max_length, loss_on=config.data.loss_on.value,
                           overflow=config.data.overflow.value)
+
+
+# ---- SAEs (written by the `saes` stage) ------------------------------------------------------------
+# saes/delta/r{R}_L{L}_s{seed}/   delta SAE for adapter rank R at layer L (lgeo_jax.sae.save_sae format)
+# saes/base/L{L}_s{seed}/         SAE on h_base at layer L (base-base baseline; the dictionary for builtin runs)
+# saes/gemma_scope/layer_{L}/width_{W}/average_l0_{N}/params.npz
+#                                 the base SAEs (seed 0) exported in the Gemma Scope layout, used as the
+#                                 "Gemma Scope" dictionary when the config gives no gemma_scope_dir
+# saes/sweep.json                 the L1 sweep (Table 12): [{"l1", "l0", "rel_l2", "fvu", ...}, ...]
+def delta_sae_dir(run: Run, rank: int, layer: int, seed: int) -> Path:
+    return run.stage_dir("saes") / "delta" / f"r{rank}_L{layer}_s{seed}"
+
+
+def base_sae_dir(run: Run, layer: int, seed: int) -> Path:
+    return run.stage_dir("saes") / "base" / f"L{layer}_s{seed}"
+
+
+def gemma_scope_root(run: Run, config: StudyConfig) -> Path:
+    """The Gemma Scope-layout directory the analysis compares against."""
+    if config.analysis.gemma_scope_dir:
+        return Path(config.analysis.gemma_scope_dir)
+    return run.stage_dir("saes") / "gemma_scope"
+
+
+def sweep_path(run: Run) -> Path:
+    return run.stage_dir("saes") / "sweep.json"
