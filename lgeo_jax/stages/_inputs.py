@@ -9,6 +9,7 @@ Every stage reads its inputs through these functions, so the on-disk layout of a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lgeo_jax.config import StudyConfig
@@ -63,18 +64,27 @@ def tokenize_config(config: StudyConfig) -> TokenizeConfig:
 
 
 # ---- SAEs (written by the `saes` stage) ------------------------------------------------------------
-# saes/delta/r{R}_L{L}_s{seed}/   delta SAE for adapter rank R at layer L (lgeo_jax.sae.save_sae format)
-# saes/base/L{L}_s{seed}/         SAE on h_base at layer L (base-base baseline; the dictionary for builtin runs)
+# saes/job/saes/r{R}_L{L}_s{seed}/  delta SAE for adapter rank R at layer L (lgeo_jax.sae.save_sae format)
+# saes/job/saes/base_L{L}_s{seed}/  SAE on h_base at layer L (base-base baseline; the dictionary for builtin runs)
 # saes/gemma_scope/layer_{L}/width_{W}/average_l0_{N}/params.npz
-#                                 the base SAEs (seed 0) exported in the Gemma Scope layout, used as the
-#                                 "Gemma Scope" dictionary when the config gives no gemma_scope_dir
+#                                 the base SAEs (seed 0) exported in the Gemma Scope layout (N = their measured
+#                                 held-out L0), used as the "Gemma Scope" dictionary when the config gives no
+#                                 gemma_scope_dir; saes/gemma_scope/l0.json maps layer -> N
 # saes/sweep.json                 the L1 sweep (Table 12): [{"l1", "l0", "rel_l2", "fvu", ...}, ...]
+def delta_sae_name(rank: int, layer: int, seed: int) -> str:
+    return f"r{rank}_L{layer}_s{seed}"
+
+
+def base_sae_name(layer: int, seed: int) -> str:
+    return f"base_L{layer}_s{seed}"
+
+
 def delta_sae_dir(run: Run, rank: int, layer: int, seed: int) -> Path:
-    return run.stage_dir("saes") / "delta" / f"r{rank}_L{layer}_s{seed}"
+    return run.stage_dir("saes") / "job" / "saes" / delta_sae_name(rank, layer, seed)
 
 
 def base_sae_dir(run: Run, layer: int, seed: int) -> Path:
-    return run.stage_dir("saes") / "base" / f"L{layer}_s{seed}"
+    return run.stage_dir("saes") / "job" / "saes" / base_sae_name(layer, seed)
 
 
 def gemma_scope_root(run: Run, config: StudyConfig) -> Path:
@@ -82,6 +92,15 @@ def gemma_scope_root(run: Run, config: StudyConfig) -> Path:
     if config.analysis.gemma_scope_dir:
         return Path(config.analysis.gemma_scope_dir)
     return run.stage_dir("saes") / "gemma_scope"
+
+
+def gemma_scope_params(run: Run, config: StudyConfig, layer: int) -> Path:
+    """`params.npz` of the dictionary for `layer`: the configured Gemma Scope L0 variant, or our base-SAE export."""
+    if config.analysis.gemma_scope_dir:
+        return Path(config.analysis.gemma_scope_dir) / config.analysis.gemma_scope_params(layer)
+    root = gemma_scope_root(run, config)
+    l0 = json.loads((root / "l0.json").read_text())[str(layer)]
+    return root / f"layer_{layer}" / config.analysis.gemma_scope_width / f"average_l0_{l0}" / "params.npz"
 
 
 def sweep_path(run: Run) -> Path:
