@@ -12,7 +12,8 @@ import traceback
 from pathlib import Path
 
 log = logging.getLogger("lgeo")
-log.addHandler(logging.NullHandler())  # messages reach the run's log file, never a second copy on stderr
+log.propagate = False  # our messages go to the run's log file only, never a second copy on stderr
+log.addHandler(logging.NullHandler())
 
 # command -> the stage it completes (with everything upstream of it)
 STAGE_COMMANDS = {
@@ -66,8 +67,8 @@ def _setup_run_dir(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(root / "lgeo.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(logging.INFO)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     jax.config.update("jax_compilation_cache_dir", str(root / ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
