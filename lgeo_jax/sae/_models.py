@@ -1,0 +1,107 @@
+"""SAE forward passes (ReLU, JumpReLU, TopK) as pure functions of a parameter dict, plus the `SAE` value.
+
+Parameters are a plain dict ``{"W_enc" [D, F], "b_enc" [F], "W_dec" [F, D], "b_dec" [D]}`` (+ ``"threshold"
+[F]`` for JumpReLU): the SAELens / Gemma Scope names and layouts, so formats map one to one and a leading
+SAE axis ``S`` can be added by ``jax.vmap`` for training many at once. Einsum letters: B tokens, D d_in,
+F d_sae. The functions work in *SAE units* (input already divided by the RMS scale); `SAE` wraps them in
+original units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from lgeo_jax.sae._config import Arch, SAEConfig
+
+Params = dict[str, jax.Array]
+
+PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def param_names(cfg: SAEConfig) -> tuple[str, ...]:
+    """Keys a parameter dict of this architecture must hold."""
+    return PARAM_NAMES + (("threshold",) if cfg.arch is Arch.JUMPRELU else ())
+
+
+def init_params(key: jax.Array, cfg: SAEConfig) -> Params:
+    """Random unit-norm decoder rows, encoder = decoder transpose (SAELens' init), zero biases/threshold.
+
+    Tied init makes every latent start as a matched filter for its own direction, which keeps few latents
+    dead at the start; b_dec is set later from data (`_train.init_b_dec`).
+    """
+    w_dec = jax.random.normal(key, (cfg.d_sae, cfg.d_in), jnp.float32)  # [F, D]
+    w_dec = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
+    params = {"W_enc": w_dec.T, "b_enc": jnp.zeros(cfg.d_sae, jnp.float32), "W_dec": w_dec,
+              "b_dec": jnp.zeros(cfg.d_in, jnp.float32)}
+    if cfg.arch is Arch.JUMPRELU:
+        params["threshold"] = jnp.zeros(cfg.d_sae, jnp.float32)
+    return params
+
+
+def pre_activations(params: Params, x: Float[Array, "B D"], cfg: SAEConfig) -> Float[Array, "B F"]:
+    """Encoder pre-activations; ReLU/TopK subtract b_dec from the input first, JumpReLU does not."""
+    if cfg.arch is not Arch.JUMPRELU:
+        x = x - params["b_dec"]
+    return jnp.einsum("bd,df->bf", x, params["W_enc"]) + params["b_enc"]  # [B, F]
+
+
+def activate(params: Params, pre: Float[Array, "B F"], cfg: SAEConfig) -> Float[Array, "B F"]:
+    """Latent activations from pre-activations (the architecture's nonlinearity)."""
+    if cfg.arch is Arch.RELU:
+        return jax.nn.relu(pre)
+    if cfg.arch is Arch.JUMPRELU:
+        return jnp.where(pre > params["threshold"], jax.nn.relu(pre), 0.0)
+    values, idx = jax.lax.top_k(pre, cfg.k)  # [B, K]
+    rows = jnp.arange(pre.shape[0])[:, None]  # [B, 1]
+    return jnp.zeros_like(pre).at[rows, idx].set(jax.nn.relu(values))
+
+
+def encode(params: Params, x: Float[Array, "B D"], cfg: SAEConfig) -> Float[Array, "B F"]:
+    return activate(params, pre_activations(params, x, cfg), cfg)
+
+
+def decode(params: Params, f: Float[Array, "B F"]) -> Float[Array, "B D"]:
+    return jnp.einsum("bf,fd->bd", f, params["W_dec"]) + params["b_dec"]  # [B, D]
+
+
+@dataclasses.dataclass(frozen=True)
+class SAE:
+    """One SAE ready to use: config, parameters (SAE units) and the RMS scale ``s`` it was trained with.
+
+    ``encode`` takes activations in original units (divides by ``s``), ``decode`` returns original units
+    (multiplies by ``s``), so ``decode(encode(x))`` reconstructs ``x`` directly. Loaded third-party SAEs
+    have ``scale = 1``.
+    """
+
+    cfg: SAEConfig
+    params: dict[str, np.ndarray]
+    scale: float = 1.0
+
+    def __post_init__(self):
+        missing = set(param_names(self.cfg)) - set(self.params)
+        if missing:
+            raise ValueError(f"SAE params are missing {sorted(missing)} for arch {self.cfg.arch.value!r}")
+        d, f = self.cfg.d_in, self.cfg.d_sae
+        want = {"W_enc": (d, f), "b_enc": (f,), "W_dec": (f, d), "b_dec": (d,), "threshold": (f,)}
+        for name in param_names(self.cfg):
+            if tuple(self.params[name].shape) != want[name]:
+                raise ValueError(f"SAE param {name} has shape {tuple(self.params[name].shape)}, expected "
+                                 f"{want[name]} for d_in={d}, d_sae={f}")
+        if not self.scale > 0:
+            raise ValueError(f"SAE scale must be positive, got {self.scale}")
+
+    def encode(self, x: Float[Array, "B D"]) -> Float[Array, "B F"]:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"SAE.encode: input has d={x.shape[-1]}, SAE expects d_in={self.cfg.d_in}")
+        return encode(self.params, jnp.asarray(x, jnp.float32) / self.scale, self.cfg)
+
+    def decode(self, f: Float[Array, "B F"]) -> Float[Array, "B D"]:
+        return decode(self.params, jnp.asarray(f, jnp.float32)) * self.scale
+
+    def reconstruct(self, x: Float[Array, "B D"]) -> Float[Array, "B D"]:
+        return self.decode(self.encode(x))
