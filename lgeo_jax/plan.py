@@ -6,7 +6,7 @@ import os
 
 import jax.numpy as jnp
 
-from lgeo_jax.config import StudyConfig, is_placeholder
+from lgeo_jax.config import BUILTIN_DATA, StudyConfig, is_placeholder
 from lgeo_jax.lora import AdapterSpec, target_dims
 from lgeo_jax.model import Gemma2Config, abstract_model, count_params
 from lgeo_jax.model._config import _alternating
@@ -16,6 +16,10 @@ _PRESETS = {(c.n_layers, c.d_model): (name, c) for name, c in (
     ("gemma2_27b", Gemma2Config.gemma2_27b()))}
 # The synthetic tokenizer's vocabulary (lgeo_jax.data.write_synthetic_dataset's default).
 _SYNTHETIC_VOCAB = 1024
+# Kept tokens per record when no token budget is set (template + response, no BOS): measured means of the
+# Gemma tokenizer on Alpaca (106.9, ../shared/data/README.md) and of the synthetic default (~63).
+_TOKENS_PER_RECORD_ALPACA = 107
+_TOKENS_PER_RECORD_SYNTHETIC = 63
 
 
 def builtin_model_config(config: StudyConfig, vocab_size: int) -> Gemma2Config:
@@ -70,4 +74,43 @@ def plan_text(config: StudyConfig) -> str:
                      f"= {100 * n / total:.4f}% (3 d.p.: {100 * n / total:.3f}%)")
     lines.append("  Note: the paper's Table 2 percentages (0.048/0.097/0.193/0.387) round inconsistently in the "
                  "last digit (r16 is 0.1936%, printed 0.193); we print the exact values.")
+    lines += ["", *_corpus_lines(config, cfg), "", *_sae_lines(config, cfg)]
     return "\n".join(lines)
+
+
+def _corpus_lines(config: StudyConfig, cfg: Gemma2Config) -> list[str]:
+    from lgeo_jax.stages._corpus import corpus_size_bytes
+
+    ex = config.extract
+    if ex.token_budget:
+        tokens, how = ex.token_budget, "extract.token_budget"
+    else:
+        records = sum(getattr(config.data, s)[1] - getattr(config.data, s)[0] for s in ex.splits)
+        per_record = _TOKENS_PER_RECORD_SYNTHETIC if config.data.source == BUILTIN_DATA else _TOKENS_PER_RECORD_ALPACA
+        tokens, how = records * per_record, f"estimate: {records:,} records x ~{per_record} tokens"
+    per_array = tokens * cfg.d_model * jnp.dtype(ex.store_dtype.value).itemsize
+    n_arrays = len(ex.layers) * (1 + len(config.lora.ranks))
+    return [f"Corpus ({ex.store_dtype.value}, {tokens:,} token vectors; {how}):",
+            f"  {_gb(per_array)} per (adapter, layer) array; {n_arrays} arrays ({len(config.lora.ranks)} adapter "
+            f"deltas + the base, stored once, x {len(ex.layers)} layers) plus token metadata: "
+            f"{_gb(corpus_size_bytes(config, tokens, cfg.d_model))} on disk"]
+
+
+def _sae_lines(config: StudyConfig, cfg: Gemma2Config) -> list[str]:
+    from lgeo_jax.sae import Arch, estimate_sae_memory
+
+    s = config.sae
+    width = s.resolved_width(cfg.d_model)
+    n_delta = len(config.lora.ranks) * len(config.extract.layers) * len(s.seeds)
+    n_base = len(config.extract.layers) * len(s.seeds) if s.base_saes else 0
+    lines = [f"SAEs: {n_delta} delta + {n_base} base SAEs of {cfg.d_model} -> {width} ({s.architecture.value}), "
+             f"batch {s.batch_size}, float32 with Adam, trained in one job:"]
+    for devices in (1, 8):
+        mem = estimate_sae_memory(cfg.d_model, width, n_delta + n_base, s.batch_size, {"model": devices, "data": 1},
+                                  arch=Arch(s.architecture.value))
+        lines.append(f"  on {devices} device(s), SAE axis sharded: {mem.describe()}")
+    return lines
+
+
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:,.2f} GB"

@@ -15,6 +15,9 @@ def test_plan_paper_reports_table2_counts(capsys):
     for count, pct in (("4,472,832", "0.0484%"), ("8,945,664", "0.0968%"), ("17,891,328", "0.1936%"),
                        ("35,782,656", "0.3872%")):
         assert f"{count} = {pct}" in out
+    # 1M token vectors x 3584 x 2 bytes (bf16) per (adapter, layer) array
+    assert f"{1_000_000 * 3584 * 2 / 1e9:,.2f} GB per (adapter, layer) array" in out
+    assert "24 delta + 6 base SAEs of 3584 -> 16384" in out
 
 
 def test_plan_builtin_counts_match_the_model(capsys):

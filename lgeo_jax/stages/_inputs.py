@@ -70,7 +70,7 @@ def tokenize_config(config: StudyConfig) -> TokenizeConfig:
 #                                 the base SAEs (seed 0) exported in the Gemma Scope layout (N = their measured
 #                                 held-out L0), used as the "Gemma Scope" dictionary when the config gives no
 #                                 gemma_scope_dir; saes/gemma_scope/l0.json maps layer -> N
-# saes/sweep.json                 the L1 sweep (Table 12): [{"l1", "l0", "rel_l2", "fvu", ...}, ...]
+# saes/sweep.json                 the L1 sweep (Table 12): {"adapter", "layer", "selected_l1", "points": [SweepPoint]}
 def delta_sae_name(rank: int, layer: int, seed: int) -> str:
     return f"r{rank}_L{layer}_s{seed}"
 

@@ -1,0 +1,57 @@
+"""Tables 4 and 12, which need no SAE forward: mean norms from the corpus statistics, the L1 sweep file.
+
+Table 4 is the mean ||delta|| per (adapter, layer) that the corpus stage accumulated during extraction
+(float32 values before any bf16 rounding); next to it we give mean ||h_base|| and the ratio, since a
+norm alone says little about how much the adapter moved the residual stream.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lgeo_jax.corpus import BASE_NAME
+
+
+def table4(stats: Mapping[str, Any], adapters: Sequence[str], layers: Sequence[int]) -> dict[str, Any]:
+    """`{split: {adapter: {"L<l>": {mean_norm, base_mean_norm, ratio, count}}}}` from corpus `stats.json`."""
+    splits = stats.get("splits")
+    if not isinstance(splits, Mapping) or not splits:
+        raise ValueError("corpus stats.json: no 'splits' statistics; rerun the corpus stage to completion")
+    out: dict[str, Any] = {}
+    for split, by_name in splits.items():
+        out[split] = {}
+        for name in adapters:
+            if name not in by_name or BASE_NAME not in by_name:
+                raise ValueError(f"corpus stats.json: split '{split}' has no statistics for '{name}' or "
+                                 f"'{BASE_NAME}' (has {sorted(by_name)})")
+            out[split][name] = {}
+            for layer in layers:
+                key = f"L{layer}"
+                delta, base = by_name[name].get(key), by_name[BASE_NAME].get(key)
+                if delta is None or base is None:
+                    raise ValueError(f"corpus stats.json: split '{split}' has no layer {layer} for '{name}'")
+                if not delta["count"]:
+                    raise ValueError(f"corpus stats.json: split '{split}' has no tokens; extract a non-empty split")
+                ratio = delta["mean_norm"] / base["mean_norm"] if base["mean_norm"] else None
+                out[split][name][key] = {"mean_norm": delta["mean_norm"], "base_mean_norm": base["mean_norm"],
+                                         "ratio": ratio, "count": delta["count"]}
+    return out
+
+
+def table12(sweep: Mapping[str, Any]) -> dict[str, Any]:
+    """The L1 sweep (`saes/sweep.json`): one row per coefficient with L0 and held-out errors, selection marked."""
+    try:
+        points = sweep["points"]
+        selected = float(sweep["selected_l1"])
+        rows = [{"l1": float(p["l1_coeff"]), "l0": float(p["l0"]), "fvu": float(p["fvu"]),
+                 "heldout_rel_l2": p.get("heldout_rel_l2"), "heldout_fvu": p.get("heldout_fvu"),
+                 "selected": math.isclose(float(p["l1_coeff"]), selected)} for p in points]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"saes/sweep.json: not an L1 sweep record ({type(e).__name__}: {e}); rerun the saes "
+                         "stage") from e
+    if not rows:
+        raise ValueError("saes/sweep.json: no sweep points")
+    return {"adapter": sweep.get("adapter"), "layer": sweep.get("layer"), "selected_l1": selected,
+            "rows": sorted(rows, key=lambda r: r["l1"])}

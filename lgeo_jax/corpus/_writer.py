@@ -1,0 +1,227 @@
+"""Extraction: residuals of the base and every adapter from one jitted pass per batch -> the corpus.
+
+Per batch: `residuals(...)` (one pass for the base and all adapters) -> on the device, delta = h_adapter -
+h_base in float32, norms summed over the kept tokens, cast to the store dtype -> asynchronous copy to the
+host while the next batch is dispatched -> kept rows gathered on the host -> asynchronous tensorstore
+writes. At most `max_pending` batches have writes in flight (a bounded queue); the oldest is committed
+(its writes durable, then the manifest records it with the running statistics) before more are issued,
+always in batch order, so the manifest's `committed` count is a prefix of the plan.
+
+Crash safety: arrays are preallocated from the plan; batch b always writes the same rows with the same
+values, so after a kill the rerun rewrites the uncommitted batches and the store ends identical to an
+uninterrupted run. The store's identity (config, inputs, plan) is checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lgeo_jax._residuals import check_layers, residuals
+from lgeo_jax.config import canonical_json
+from lgeo_jax.corpus._plan import SplitPlan, TokenSelection, plan_split
+from lgeo_jax.corpus._stats import SplitStats
+from lgeo_jax.corpus._store import (
+    STORE_DTYPES,
+    CorpusLayout,
+    claim_store,
+    open_corpus_arrays,
+    store_url,
+)
+from lgeo_jax.data import BatchConfig, Category, TokenizedExample, collate
+from lgeo_jax.lora import LoraAdapters, prepare_adapters
+from lgeo_jax.model import Gemma2
+
+PROGRESS_KEY = "corpus"
+CATEGORY_NAMES = tuple(c.value for c in Category)
+
+
+class ProgressLog(Protocol):
+    """What extraction needs from a stage: its recorded progress and an atomic way to extend it
+    (`lgeo_jax.manifest.StageRun` is one)."""
+
+    @property
+    def progress(self) -> Mapping[str, Any]: ...
+
+    def update(self, **entries: Any) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractSettings:
+    """How the corpus is extracted; `activation_dtype` is the residual stream's (None: the parameters')."""
+
+    layers: tuple[int, ...]
+    selection: TokenSelection = TokenSelection()
+    store_dtype: str = "bfloat16"
+    activation_dtype: str | None = None
+    batch_size: int = 8
+    chunk_rows: int = 1024
+    max_pending: int = 2
+    pad_multiple: int = 64  # sequence lengths round up to this: few distinct shapes, few compiles
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        if self.store_dtype not in STORE_DTYPES:
+            raise ValueError(f"ExtractSettings.store_dtype={self.store_dtype!r}: expected one of {STORE_DTYPES}")
+        for name in ("batch_size", "chunk_rows", "max_pending", "pad_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ExtractSettings.{name}={getattr(self, name)}: must be >= 1")
+
+
+@functools.partial(jax.jit, static_argnames=("store_dtype",))
+def _rows_and_sums(res, keep, *, store_dtype):
+    """[A, C, B, T, D] residuals -> (base and deltas in the store dtype, norm sums [A, C], squared sums)."""
+    x = jnp.concatenate([res[:1], res[1:] - res[:1]], axis=0)  # [A, C, B, T, D] float32: base, deltas
+    sq = jnp.einsum("acbtd,acbtd->acbt", x, x)  # [A, C, B, T]
+    w = keep.astype(jnp.float32)  # [B, T]
+    norm_sum = jnp.einsum("acbt,bt->ac", jnp.sqrt(sq), w)  # [A, C]
+    sq_sum = jnp.einsum("acbt,bt->ac", sq, w)  # [A, C]
+    return x.astype(store_dtype), norm_sum, sq_sum
+
+
+def _examples_hash(examples: Sequence[TokenizedExample]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(np.int64(e.index).tobytes())
+        h.update(np.int64(e.length).tobytes())
+        h.update(np.ascontiguousarray(e.input_ids, np.int32).tobytes())
+    return h.hexdigest()
+
+
+def corpus_identity(settings: ExtractSettings, adapter_names: Sequence[str], d_model: int,
+                    plans: Mapping[str, SplitPlan], inputs_hash: str) -> str:
+    """Hash of everything that determines the rows: settings (batch size and chunking too, since they fix
+    row offsets), adapters, tokens of every split, and the model/adapter weights (`inputs_hash`)."""
+    value = {
+        "settings": {**dataclasses.asdict(settings), "max_pending": None},  # the queue depth never changes rows
+        "adapters": list(adapter_names),
+        "d_model": d_model,
+        "splits": {s: {"tokens": _examples_hash(p.examples), "rows": p.n_rows} for s, p in plans.items()},
+        "inputs": inputs_hash,
+    }
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:32]
+
+
+@dataclasses.dataclass
+class _Pending:
+    split: str
+    batch: int
+    futures: list
+    count: int
+    norm_sum: np.ndarray
+    sq_sum: np.ndarray
+
+
+def extract_corpus(model: Gemma2, adapters: Sequence[LoraAdapters], adapter_names: Sequence[str],
+                   splits: Mapping[str, Sequence[TokenizedExample]], categories: Mapping[str, Sequence[int]],
+                   store: str, settings: ExtractSettings, log: ProgressLog, *,
+                   inputs_hash: str = "") -> tuple[CorpusLayout, dict[str, SplitStats]]:
+    """Writes (or resumes writing) the corpus of `splits` into `store`; returns its layout and statistics.
+
+    `categories[split][i]` is the category code (index into `Category`) of `splits[split][i]`. Progress
+    goes to `log` (the stage manifest); a log whose progress names another corpus is refused.
+    """
+    adapters, adapter_names = list(adapters), tuple(adapter_names)
+    n_adapters = sum(len(a) for a in adapters)
+    if n_adapters != len(adapter_names):
+        raise ValueError(f"extract_corpus: {n_adapters} adapters (stacks count one per adapter) but "
+                         f"{len(adapter_names)} names {adapter_names}")
+    check_layers(settings.layers, model.config.n_layers)
+    stack = prepare_adapters(adapters, model.config)  # stacked and padded once, not per batch
+    plans = {}
+    for code, (split, examples) in enumerate(splits.items()):
+        if len(categories[split]) != len(examples):
+            raise ValueError(f"split '{split}': {len(categories[split])} categories for {len(examples)} examples")
+        plans[split] = plan_split(split, examples, settings.selection, settings.batch_size, split_code=code)
+    d_model = model.config.d_model
+    layout = CorpusLayout(
+        d_model=d_model, layers=settings.layers, adapters=adapter_names,
+        split_rows={s: p.n_rows for s, p in plans.items()}, store_dtype=settings.store_dtype,
+        chunk_rows=settings.chunk_rows, categories=CATEGORY_NAMES,
+        identity=corpus_identity(settings, adapter_names, d_model, plans, inputs_hash))
+    n_arrays, n_layers = len(layout.names), len(layout.layers)
+
+    recorded = log.progress.get(PROGRESS_KEY)
+    if recorded is not None and recorded.get("identity") != layout.identity:
+        raise ValueError(
+            "corpus stage: the interrupted run was started with other settings, data or checkpoints (identity "
+            f"{recorded.get('identity')} != {layout.identity}); rerun the corpus stage with force")
+    committed = dict(recorded["committed"]) if recorded else {s: 0 for s in plans}
+    stats = ({s: SplitStats.from_json(recorded["stats"][s], (n_arrays, n_layers)) for s in plans} if recorded
+             else {s: SplitStats.zeros(n_arrays, n_layers) for s in plans})
+
+    url = store_url(store)
+    claim_store(url, layout)
+    arrays = open_corpus_arrays(url, layout, create=True)
+    if recorded is None:
+        log.update(**{PROGRESS_KEY: _progress(layout, committed, stats)})
+
+    for split, plan in plans.items():
+        meta = plan.metadata(categories[split])
+        for name, values in meta.items():
+            arrays[(split, "meta", name)].write(values).result()
+    collate_cfg = BatchConfig(batch_size=settings.batch_size, shuffle=False, pad_multiple=settings.pad_multiple)
+
+    def dispatch(split: str, b: int):
+        plan = plans[split]
+        batch = collate([plan.examples[i] for i in plan.batches[b]], collate_cfg)
+        keep = np.zeros(batch.input_ids.shape, bool)  # [B, T]
+        for row, i in enumerate(plan.batches[b]):
+            keep[row, : plan.examples[i].length] = plan.keep[i]
+        res = residuals(model, batch.input_ids, layers=settings.layers, adapters=() if stack is None else stack,
+                        attention_mask=batch.attention_mask, dtype=settings.activation_dtype)  # [A, C, B, T, D]
+        out = _rows_and_sums(res, keep, store_dtype=settings.store_dtype)
+        for x in out:
+            x.copy_to_host_async()
+        return split, b, keep, out
+
+    def issue_writes(split: str, b: int, keep: np.ndarray, out) -> _Pending:
+        x, norm_sum, sq_sum = (np.asarray(v) for v in out)
+        a_, c_, bsz, t, d = x.shape
+        idx = np.flatnonzero(keep.reshape(-1))  # [n]
+        rows = x.reshape(a_, c_, bsz * t, d)[:, :, idx]  # [A, C, n, D]
+        start, stop = plans[split].batch_rows(b)
+        if stop - start != idx.shape[0]:
+            raise ValueError(f"internal: batch {b} of '{split}' kept {idx.shape[0]} tokens, planned {stop - start}")
+        futures = []
+        if stop > start:
+            for a, name in enumerate(layout.names):
+                for c, layer in enumerate(layout.layers):
+                    futures.append(arrays[(split, name, layer)][start:stop].write(rows[a, c]))
+        return _Pending(split, b, futures, int(idx.shape[0]), norm_sum, sq_sum)
+
+    def commit(p: _Pending) -> None:
+        for f in p.futures:
+            f.result()
+        stats[p.split].add(p.count, p.norm_sum, p.sq_sum)
+        committed[p.split] = p.batch + 1
+        log.update(**{PROGRESS_KEY: _progress(layout, committed, stats)})
+
+    pending: collections.deque[_Pending] = collections.deque()
+    in_flight = None
+    for split, plan in plans.items():
+        for b in range(committed[split], len(plan.batches)):
+            nxt = dispatch(split, b)  # runs on the device while the previous batch goes to the host
+            if in_flight is not None:
+                pending.append(issue_writes(*in_flight))
+            in_flight = nxt
+            while len(pending) > settings.max_pending:
+                commit(pending.popleft())
+    if in_flight is not None:
+        pending.append(issue_writes(*in_flight))
+    while pending:
+        commit(pending.popleft())
+    return layout, stats
+
+
+def _progress(layout: CorpusLayout, committed: Mapping[str, int], stats: Mapping[str, SplitStats]) -> dict:
+    return {"identity": layout.identity, "committed": dict(committed),
+            "stats": {s: v.to_json() for s, v in stats.items()}}

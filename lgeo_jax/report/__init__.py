@@ -1,0 +1,14 @@
+"""The study's report: `report.md` (Tables 4-12, each number beside its nulls and the paper's value),
+`figures.csv` / `figures.json` with every number, and plots (matplotlib, Agg backend).
+
+Typical use (the `report` stage does this)::
+
+    names = write_report(results, arrays_by_layer, out_dir, title="lgeo tiny", with_paper=True, plots=True)
+"""
+
+from lgeo_jax.report._figures import figure_rows, paper_value, rows_to_csv
+from lgeo_jax.report._markdown import render_markdown
+from lgeo_jax.report._write import FIGURES_CSV, FIGURES_JSON, REPORT_FILE, write_report
+
+__all__ = ["FIGURES_CSV", "FIGURES_JSON", "REPORT_FILE", "figure_rows", "paper_value", "render_markdown",
+           "rows_to_csv", "write_report"]

@@ -1,0 +1,90 @@
+"""Every number of the analysis as long-form rows (CSV / JSON), each with the paper's value where it has one.
+
+A row is `{table, adapter, rank, layer, metric, value, paper}`; `metric` is the dotted path of the value
+inside the analysis record (e.g. `delta_vs_dictionary.signed.mean` in table9), so nothing is dropped and
+the CSV can be filtered without knowing the record's nesting.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from lgeo_jax.report import _paper as paper
+
+FIELDS = ("table", "adapter", "rank", "layer", "metric", "value", "paper")
+CELL_TABLES = ("table5", "table6", "table7", "table7_difference", "table8", "table9", "table10", "table11")
+
+
+def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, (int, float, bool)) or value is None:
+        yield prefix, value
+
+
+def paper_value(table: str, metric: str, rank: int | None, layer: int | None, primary_seed: int = 0) -> float | None:
+    """The paper's number for this (table, metric, rank, layer), or None where it reports none."""
+    grids = {
+        ("table5", "direct.rel_l2"): paper.TABLE5_GEMMA_SCOPE_ERROR,
+        ("table6", f"{primary_seed}.rel_l2"): paper.TABLE6_DELTA_SAE_ERROR,
+        ("table7", "rel_l2"): paper.TABLE7_IMPROVEMENT_PCT,
+        ("table8", "overlap"): paper.TABLE8_OVERLAP,
+        ("table8", "active_delta"): paper.TABLE8_ACTIVE_FEATURES,
+        ("table11", "delta_base"): paper.TABLE11_CKA_DELTA_BASE,
+        ("table11", "base_adapted"): paper.TABLE11_CKA_BASE_ADAPTED,
+    }
+    if table == "table4" and metric.endswith(".mean_norm"):
+        return paper.TABLE4_MEAN_DELTA_NORM.get(layer, {}).get(rank)
+    if table == "table9" and metric.startswith("delta_vs_dictionary.signed."):
+        return paper.TABLE9_MAX_COSINE.get((rank, layer), {}).get(metric.rsplit(".", 1)[1])
+    grid = grids.get((table, metric))
+    return None if grid is None else grid.get(layer, {}).get(rank)
+
+
+def figure_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """All numbers of `results.json` as rows (see the module docstring)."""
+    meta = results["meta"]
+    rank_of = dict(zip(meta["adapters"], meta["ranks"], strict=True))
+    primary = meta["sae_seeds"][0]
+    rows: list[dict[str, Any]] = []
+
+    def add(table, adapter, layer, metric, value):
+        rank = rank_of.get(adapter)
+        rows.append({"table": table, "adapter": adapter, "rank": rank, "layer": layer, "metric": metric,
+                     "value": value, "paper": paper_value(table, metric, rank, layer, primary)})
+
+    for split, by_adapter in results["table4"].items():
+        for adapter, by_layer in by_adapter.items():
+            for key, cell in by_layer.items():
+                for metric, value in _flatten(cell, split):
+                    add("table4", adapter, int(key[1:]), metric, value)
+    for key, record in results["layers"].items():
+        layer = int(key[1:])
+        for metric, value in _flatten(record["base"]):
+            add("base", None, layer, metric, value)
+        for adapter, cell in record["adapters"].items():
+            for table in CELL_TABLES:
+                for metric, value in _flatten(cell.get(table, {})):
+                    add(table, adapter, layer, metric, value)
+    sweep = results.get("table12")
+    if sweep:
+        for row in sweep["rows"]:
+            for metric in ("l0", "fvu", "heldout_rel_l2", "heldout_fvu", "selected"):
+                paper_l0 = next((p["l0"] for p in paper.TABLE12_SWEEP if abs(p["l1"] - row["l1"]) < 1e-12), None)
+                rows.append({"table": "table12", "adapter": sweep["adapter"], "rank": rank_of.get(sweep["adapter"]),
+                             "layer": sweep["layer"], "metric": f"l1={row['l1']:g}.{metric}", "value": row[metric],
+                             "paper": paper_l0 if metric == "l0" else None})
+    return rows
+
+
+def rows_to_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row[k] is None else row[k] for k in FIELDS})
+    return out.getvalue()
