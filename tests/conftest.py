@@ -18,3 +18,14 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory) -> pathlib.Path:
+    """One uninterrupted `lgeo run configs/micro.yaml` (a real subprocess), shared by the end-to-end tests."""
+    from e2e import MICRO, lgeo
+
+    out = tmp_path_factory.mktemp("micro")
+    proc = lgeo("run", str(MICRO), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out

@@ -4,7 +4,6 @@ import copy
 import dataclasses
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest

@@ -19,7 +19,16 @@ from transformers import AutoTokenizer
 
 import lgeo_jax
 from lgeo_jax.config import Schedule, TrainConfig
-from lgeo_jax.data import Batch, SplitConfig, TokenizeConfig, load_alpaca, tokenize_split, write_synthetic_dataset
+from lgeo_jax.data import (
+    Batch,
+    BatchConfig,
+    SplitConfig,
+    TokenizeConfig,
+    iterate_batches,
+    load_alpaca,
+    tokenize_split,
+    write_synthetic_dataset,
+)
 from lgeo_jax.lora import AdapterSpec, init_adapters, stacked_lora
 from lgeo_jax.model._config import AttentionType
 from lgeo_jax.train import (
@@ -298,4 +307,9 @@ def test_bf16_compute_keeps_float32_masters_and_tracks_float32(data):
     for t in r16.adapters.targets:
         a, b, _ = r16.adapters.factors(t)
         assert a.dtype == b.dtype == jnp.float32, t
-        assert rel(b, np.asarray(r32.adapters.factors(t)[1])) < 0.1, t
+    # Adam's first steps are nearly sign(g), so weights are a poor yardstick; gradients are the real one.
+    batch = next(iterate_batches(data["train"], BatchConfig(batch_size=8)))
+    _, g32 = loss_and_grads(data["model"], r32.adapters, batch, compute_dtype=jnp.float32)
+    _, g16 = loss_and_grads(data["model"], r32.adapters, batch, compute_dtype=jnp.bfloat16)
+    for t in g32:
+        assert g16[t]["b"].dtype == np.float32 and rel(g16[t]["b"], g32[t]["b"]) < 0.05, t
