@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from lgeo_jax.config import BUILTIN_DATA, StudyConfig, is_placeholder
 from lgeo_jax.lora import AdapterSpec, target_dims
 from lgeo_jax.model import Gemma2Config, abstract_model, count_params
-from lgeo_jax.model._config import _alternating
+from lgeo_jax.stages._inputs import builtin_model_config
 
 _PRESETS = {(c.n_layers, c.d_model): (name, c) for name, c in (
     ("gemma2_2b", Gemma2Config.gemma2_2b()), ("gemma2_9b", Gemma2Config.gemma2_9b()),
@@ -20,12 +20,6 @@ _SYNTHETIC_VOCAB = 1024
 # Gemma tokenizer on Alpaca (106.9, ../shared/data/README.md) and of the synthetic default (~63).
 _TOKENS_PER_RECORD_ALPACA = 107
 _TOKENS_PER_RECORD_SYNTHETIC = 63
-
-
-def builtin_model_config(config: StudyConfig, vocab_size: int) -> Gemma2Config:
-    """The built-in tiny model's architecture (Gemma-2's alternating local/global pattern)."""
-    b = config.model.builtin
-    return Gemma2Config(**b.gemma2_kwargs(vocab_size), layer_types=_alternating(b.n_layers))
 
 
 def planned_model_config(config: StudyConfig) -> tuple[Gemma2Config, str]:

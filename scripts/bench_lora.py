@@ -15,7 +15,7 @@ import numpy as np
 import peft
 import torch
 import transformers
-from benchlib import best_time, mid_size_hf_config, write_markdown
+from benchlib import interleaved_times, mid_size_hf_config, write_markdown
 
 import lgeo_jax
 
@@ -70,12 +70,11 @@ def main() -> None:
                 peft_model.base_model.model.model(t_ids, output_hidden_states=True)
 
     token_passes = ids.size * (1 + len(RANKS))
-    times = {"one": best_time(one_pass, repeats=3), "sep": best_time(separate_passes, repeats=3),
-             "peft": best_time(peft_switching, repeats=3)}
+    times = interleaved_times({"one": one_pass, "sep": separate_passes, "peft": peft_switching}, repeats=3)
     lines = [
         f"Mid-size random Gemma-2 (d_model 512, {args.layers} layers, 8 q / 4 kv heads, head_dim 64, MLP 2048), "
         f"float32, batch {args.batch} x seq {args.seq}, all {args.layers} layers captured; base + adapters of "
-        f"ranks {', '.join(map(str, RANKS))} on q,k,v,o (non-zero B); median of 3 after warm-up.",
+        f"ranks {', '.join(map(str, RANKS))} on q,k,v,o (non-zero B); median of 3 runs taken in turns after warm-up.",
         "",
         "| method | seconds | token-passes/s (tokens x 5 models) |",
         "|---|---|---|",

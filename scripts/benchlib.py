@@ -21,6 +21,20 @@ def best_time(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) ->
     return statistics.median(times)
 
 
+def interleaved_times(fns: dict[str, Callable[[], object]], *, repeats: int = 5) -> dict[str, float]:
+    """Median wall time per function, running them in turns (a, b, a, b, ...) after one warm-up each, so
+    background load on a shared machine affects every contender alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def machine() -> str:
     import jax
     import torch

@@ -23,7 +23,7 @@ def test_plan_paper_reports_table2_counts(capsys):
 def test_plan_builtin_counts_match_the_model(capsys):
     import lgeo_jax
     from lgeo_jax.config import load_config
-    from lgeo_jax.plan import builtin_model_config
+    from lgeo_jax.stages._inputs import builtin_model_config
 
     assert main(["plan", "configs/tiny.yaml"]) == 0
     out = capsys.readouterr().out

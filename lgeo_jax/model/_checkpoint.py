@@ -203,6 +203,15 @@ def _put(host: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: np.ascontiguousarray(host[idx]))
 
 
+def check_checkpoint(path: str | os.PathLike) -> Gemma2Config:
+    """Everything `load_model` validates before reading a weight (config.json, every file header, tensor
+    names and shapes), without loading anything; returns the checkpoint's architecture."""
+    path = os.fspath(path)
+    cfg = Gemma2Config.from_hf_dir(path)
+    _open_checkpoint(path, cfg)
+    return cfg
+
+
 def load_model(path: str | os.PathLike, *, dtype: Any = None, mesh: Mesh | None = None,
                rules: LogicalAxisRules = DEFAULT_RULES) -> Gemma2:
     """Loads an HF Gemma-2 checkpoint directory into a `Gemma2`, tensor by tensor, onto `mesh`.

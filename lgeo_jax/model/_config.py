@@ -72,17 +72,17 @@ class Gemma2Config:
     @classmethod
     def gemma2_2b(cls) -> Gemma2Config:
         return cls(vocab_size=256_000, d_model=2304, n_heads=8, n_kv_heads=4, head_dim=256, mlp_dim=9216,
-                              layer_types=_alternating(26), query_pre_attn_scalar=256.0)
+                              layer_types=alternating_layer_types(26), query_pre_attn_scalar=256.0)
 
     @classmethod
     def gemma2_9b(cls) -> Gemma2Config:
         return cls(vocab_size=256_000, d_model=3584, n_heads=16, n_kv_heads=8, head_dim=256, mlp_dim=14336,
-                              layer_types=_alternating(42), query_pre_attn_scalar=256.0)
+                              layer_types=alternating_layer_types(42), query_pre_attn_scalar=256.0)
 
     @classmethod
     def gemma2_27b(cls) -> Gemma2Config:
         return cls(vocab_size=256_000, d_model=4608, n_heads=32, n_kv_heads=16, head_dim=128, mlp_dim=36864,
-                              layer_types=_alternating(46), query_pre_attn_scalar=144.0)
+                              layer_types=alternating_layer_types(46), query_pre_attn_scalar=144.0)
 
     # ---- Hugging Face mapping ----------------------------------------------------------------------
     @classmethod
@@ -98,7 +98,7 @@ class Gemma2Config:
         if missing:
             raise ValueError(f"{source}: missing required field(s) {missing}")
         n_layers = int(hf["num_hidden_layers"])
-        layer_types = hf.get("layer_types") or _alternating(n_layers)
+        layer_types = hf.get("layer_types") or alternating_layer_types(n_layers)
         if len(layer_types) != n_layers:
             raise ValueError(f"{source}: layer_types has {len(layer_types)} entries but num_hidden_layers is "
                                               f"{n_layers}")
@@ -173,7 +173,7 @@ class Gemma2Config:
         }
 
 
-def _alternating(n_layers: int) -> tuple[AttentionType, ...]:
+def alternating_layer_types(n_layers: int) -> tuple[AttentionType, ...]:
     """Gemma-2's default pattern: sliding window on even layers, global on odd ones."""
     return tuple(AttentionType.LOCAL_SLIDING if i % 2 == 0 else AttentionType.GLOBAL for i in range(n_layers))
 

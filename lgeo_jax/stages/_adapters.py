@@ -44,7 +44,7 @@ def run_adapters(config: StudyConfig, stage: StageRun, run: Run) -> None:
     """Trains all ranks in one stacked run (resuming from `checkpoints/`), exports, evaluates held-out.
 
     The caller owns the stage's lifecycle (`run.begin` before, `stage.finish()` after this returns).
-    Stacked rather than one rank after another: 1.25x (float32) to 1.4x (bf16) faster, bench/train.md.
+    Stacked rather than one rank after another: 1.2x to 1.4x faster in two runs (bench/train.md).
     """
     tokenizer = load_tokenizer(run, config)
     records = load_records(run)

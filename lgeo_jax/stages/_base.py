@@ -9,29 +9,26 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lgeo_jax.config import BuiltinModelConfig, StudyConfig
+from lgeo_jax.config import StudyConfig
 from lgeo_jax.data import tokenize_split
 from lgeo_jax.manifest import Run, StageRun, atomic_directory
-from lgeo_jax.model import Gemma2Config, count_params, save_model
-from lgeo_jax.model._checkpoint import _open_checkpoint
-from lgeo_jax.model._config import AttentionType
-from lgeo_jax.stages._inputs import base_checkpoint, load_records, load_tokenizer, split_config, tokenize_config
+from lgeo_jax.model import Gemma2Config, check_checkpoint, count_params, save_model
+from lgeo_jax.stages._inputs import (
+    base_checkpoint,
+    builtin_model_config,
+    load_records,
+    load_tokenizer,
+    split_config,
+    tokenize_config,
+)
 from lgeo_jax.train._curves import write_loss_csv
 from lgeo_jax.train._pretrain import pretrain_base
 
 
-def builtin_gemma2_config(builtin: BuiltinModelConfig, vocab_size: int) -> Gemma2Config:
-    """The tiny model's architecture: Gemma-2's alternating local (even layers) / global attention."""
-    layer_types = tuple(AttentionType.LOCAL_SLIDING if i % 2 == 0 else AttentionType.GLOBAL
-                        for i in range(builtin.n_layers))
-    return Gemma2Config(**builtin.gemma2_kwargs(vocab_size), layer_types=layer_types)
-
-
-def check_checkpoint(path: Path, config: StudyConfig) -> Gemma2Config:
+def check_study_checkpoint(path: Path, config: StudyConfig) -> Gemma2Config:
     """What `load_model` checks before reading a byte (config.json, every header and tensor shape), plus
     the shape the study config declares (model.n_layers / model.d_model), without loading the weights."""
-    cfg = Gemma2Config.from_hf_dir(path)
-    _open_checkpoint(str(path), cfg)
+    cfg = check_checkpoint(path)
     for name, have in (("n_layers", cfg.n_layers), ("d_model", cfg.d_model)):
         want = getattr(config.model, name)
         if want is not None and want != have:
@@ -47,7 +44,7 @@ def run_base(config: StudyConfig, stage: StageRun, run: Run) -> None:
     """
     path = base_checkpoint(run, config)
     if not config.model.is_builtin:
-        cfg = check_checkpoint(path, config)
+        cfg = check_study_checkpoint(path, config)
         stage.update(checkpoint=str(path.resolve()), n_layers=cfg.n_layers, d_model=cfg.d_model,
                      vocab_size=cfg.vocab_size)
         return
@@ -57,7 +54,7 @@ def run_base(config: StudyConfig, stage: StageRun, run: Run) -> None:
     tokenizer = load_tokenizer(run, config)
     tok_cfg = dataclasses.replace(tokenize_config(config), loss_on="all")
     examples = tokenize_split(load_records(run), tokenizer, split_config(config), "train", tok_cfg)
-    cfg = builtin_gemma2_config(builtin, len(tokenizer))
+    cfg = builtin_model_config(config, len(tokenizer))
     result = pretrain_base(cfg, examples, steps=builtin.pretrain_steps, lr=builtin.pretrain_lr,
                            batch_size=builtin.pretrain_batch_size, seed=builtin.seed)
     dtype = config.model.dtype.value if config.model.dtype is not None else None

@@ -15,6 +15,7 @@ from pathlib import Path
 from lgeo_jax.config import StudyConfig
 from lgeo_jax.data import AlpacaRecord, SplitConfig, TokenizeConfig, load_alpaca
 from lgeo_jax.manifest import Run
+from lgeo_jax.model import Gemma2Config, alternating_layer_types
 
 
 def records_path(run: Run) -> Path:
@@ -39,6 +40,12 @@ def load_tokenizer(run: Run, config: StudyConfig):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tokenizer_dir(run, config)))
+
+
+def builtin_model_config(config: StudyConfig, vocab_size: int) -> Gemma2Config:
+    """The built-in tiny model's architecture: Gemma-2's alternating local (even layers) / global attention."""
+    b = config.model.builtin
+    return Gemma2Config(**b.gemma2_kwargs(vocab_size), layer_types=alternating_layer_types(b.n_layers))
 
 
 def base_checkpoint(run: Run, config: StudyConfig) -> Path:
