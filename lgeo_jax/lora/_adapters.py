@@ -229,26 +229,22 @@ def concat_adapters(groups: Sequence[LoraAdapters]) -> LoraAdapters:
 
 def stacked_lora(adapters: LoraAdapters, *, with_base: bool = True,
                  dropout_key: jax.Array | None = None) -> dict[str, LoraFactors]:
-    """The model-facing form: target -> LoraFactors with arrays [L, A, ...]; A = 1 + n with the base slot.
+    """The model-facing form: target -> LoraFactors with arrays [L, n, ...].
 
-    With `dropout_key`, each adapter's LoRA dropout (its spec's rate) is applied with an independent mask
-    per target and layer, as PEFT's per-module dropout does; without it the pass is deterministic.
+    `with_base`: the batch also carries the base model as a leading group (slot 0 of `residuals`), which
+    gets no LoRA work. With `dropout_key`, each adapter's LoRA dropout (its spec's rate) is applied with an
+    independent mask per target and layer, as PEFT's per-module dropout does; without it the pass is
+    deterministic.
     """
     out = {}
-    keep = np.asarray([1.0 - s.dropout for s in adapters.specs], np.float32)  # [n]
+    keep = jnp.asarray([1.0 - s.dropout for s in adapters.specs], jnp.float32)  # [n]
     for i, t in enumerate(adapters.targets):
         a, b, scale = adapters.factors(t)
-        keep_t = keep
-        if with_base:  # slot 0: the zero adapter, so base and adapters share one pass
-            a = jnp.pad(a, ((0, 0), (1, 0), (0, 0), (0, 0)))
-            b = jnp.pad(b, ((0, 0), (1, 0), (0, 0), (0, 0)))
-            scale = jnp.pad(scale, ((0, 0), (1, 0)))
-            keep_t = np.concatenate([[1.0], keep]).astype(np.float32)
-        factors = LoraFactors(a=a, b=b, scale=scale)
+        factors = LoraFactors(a=a, b=b, scale=scale, base_slots=1 if with_base else 0)
         if dropout_key is not None:
             n_layers = a.shape[0]
             factors = dataclasses.replace(
-                factors, dropout_keep=jnp.broadcast_to(jnp.asarray(keep_t), (n_layers, len(keep_t))),
+                factors, dropout_keep=jnp.broadcast_to(keep, (n_layers, len(keep))),
                 dropout_key=jax.random.split(jax.random.fold_in(dropout_key, i), n_layers))
         out[t] = factors
     return out

@@ -25,11 +25,13 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 @dataclasses.dataclass(frozen=True)
 class LoraFactors:
-    """One layer's LoRA factors for one projection, for all adapters at once (base = the zero adapter).
+    """One layer's LoRA factors for one projection, for all adapters at once.
 
     Stored in PEFT's flat layout, transposed: a: [A, In, R], b: [A, R, Out], where In/Out are the base
     weight's contracted/produced axes flattened (q: In = D, Out = N*H; o: In = N*H, Out = D).
-    scale: [A] (alpha / r, or alpha / sqrt(r) for rsLoRA; 0 for the base slot). Ranks are zero-padded to R.
+    scale: [A] (alpha / r, or alpha / sqrt(r) for rsLoRA). Ranks are zero-padded to R.
+    `base_slots` leading groups of the batch carry no adapter (the base model riding along in the same
+    pass): they get the base projection only, so no LoRA FLOPs are spent on them.
     For training, LoRA dropout (PEFT's: on the adapter's input only) needs `dropout_key` (a PRNG key) and
     `dropout_keep` [A] (keep probabilities, 1 = no dropout).
     """
@@ -39,17 +41,18 @@ class LoraFactors:
     scale: jax.Array
     dropout_keep: jax.Array | None = None
     dropout_key: jax.Array | None = None
+    base_slots: int = 0
 
 
 jax.tree_util.register_dataclass(
-    LoraFactors, data_fields=["a", "b", "scale", "dropout_keep", "dropout_key"], meta_fields=[])
+    LoraFactors, data_fields=["a", "b", "scale", "dropout_keep", "dropout_key"], meta_fields=["base_slots"])
 
 
 def project(spec: str, x: jax.Array, w: jax.Array, lora: LoraFactors | None = None) -> jax.Array:
     """`einsum(spec, x, w)` plus, when given, every adapter's low-rank update derived from the same spec.
 
-    The adapter axis is folded into x's leading batch axis ([A*B, ...]) so the base matmul reads `w` once
-    for all adapters. The LoRA path is derived from the base einsum (`BTD,DNH->BTNH` becomes
+    The adapter axis is folded into x's leading batch axis ([(base_slots + A)*B, ...]) so the base matmul
+    reads `w` once for the base and all adapters. The LoRA path is derived from the base einsum (`BTD,DNH->BTNH` becomes
     `ABTD,ADR->ABTR` and `ABTR,ARNH->ABTNH`), so one rule covers every projection.
     """
     # float32 accumulation, rounded once to the activation dtype (XLA:CPU's bf16-out dots are ~3x slower)
@@ -65,15 +68,16 @@ def project(spec: str, x: jax.Array, w: jax.Array, lora: LoraFactors | None = No
     n_adapters, _, rank = lora.a.shape
     a = lora.a.astype(x.dtype).reshape(n_adapters, *(dims[c] for c in contracted), rank)
     b = lora.b.astype(x.dtype).reshape(n_adapters, rank, *(dims[c] for c in produced))
-    xa = x.reshape(n_adapters, -1, *x.shape[1:])  # [A, B, ...]
+    groups = lora.base_slots + n_adapters
+    xa = x.reshape(groups, -1, *x.shape[1:])[lora.base_slots:]  # [A, B, ...]
     if lora.dropout_key is not None:
         keep = lora.dropout_keep.astype(x.dtype).reshape((n_adapters,) + (1,) * (xa.ndim - 1))
         survives = jax.random.bernoulli(lora.dropout_key, keep, xa.shape)
         xa = jnp.where(survives, xa / keep, 0).astype(x.dtype)
     h = jnp.einsum(f"A{x_letters},A{contracted}R->A{kept}R", xa, a)  # [A, B, T, R]
     h = h * lora.scale.astype(x.dtype).reshape((n_adapters,) + (1,) * (h.ndim - 1))
-    delta = jnp.einsum(f"A{kept}R,AR{produced}->A{out}", h, b)
-    return y + delta.reshape(y.shape)
+    delta = jnp.einsum(f"A{kept}R,AR{produced}->A{out}", h, b)  # [A, B, T, ...]
+    return y.reshape(groups, *delta.shape[1:]).at[lora.base_slots:].add(delta).reshape(y.shape)
 
 
 class RMSNorm(nnx.Module):
@@ -133,7 +137,8 @@ class Attention(nnx.Module):
         logits = softcap(logits * cfg.query_pre_attn_scalar**-0.5, cfg.attn_logit_softcap)
         logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)  # [B, K, G, T, S]
         probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, cfg.n_heads, cfg.head_dim)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32).astype(x.dtype)
+        out = out.reshape(b, t, cfg.n_heads, cfg.head_dim)  # [B, T, N, H]
         return project("BTNH,NHD->BTD", out, self.o[...], lora.get("o"))  # [B, T, D]
 
 
