@@ -7,10 +7,10 @@ Relative paths are taken from the current working directory.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 
+from lgeo_jax._files import read_json
 from lgeo_jax.config._errors import Problem
 from lgeo_jax.config._sections import StudyConfig, is_placeholder
 
@@ -41,14 +41,10 @@ def _checkpoint(config: StudyConfig) -> Iterator[Problem]:
     if not os.path.isdir(model.checkpoint):
         yield Problem("model.checkpoint", f"directory {model.checkpoint!r} not found")
         return
-    if not os.path.isfile(cfg_path):
-        yield Problem("model.checkpoint", f"{cfg_path} not found; a Hugging Face checkpoint directory has config.json")
-        return
     try:
-        with open(cfg_path, encoding="utf-8") as f:
-            hf = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        yield Problem("model.checkpoint", f"{cfg_path} is not readable JSON ({e})")
+        hf = read_json(cfg_path, needed_by="a Hugging Face checkpoint directory")
+    except (OSError, ValueError) as e:
+        yield Problem("model.checkpoint", str(e))
         return
     actual = {"n_layers": hf.get("num_hidden_layers"), "d_model": hf.get("hidden_size")}
     for name, value in actual.items():

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lgeo_jax._files import read_json
 from lgeo_jax.lora._adapters import (
     PEFT_NAMES,
     TARGETS,
@@ -40,13 +41,7 @@ _UNSUPPORTED = {
 
 def _read_config(path: str) -> dict:
     cfg_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path}: missing; a PEFT LoRA directory needs {CONFIG_FILE}")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+    cfg = read_json(cfg_path, needed_by="a PEFT LoRA directory")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only plain LoRA ('LORA') is supported")
     for field, allowed in _UNSUPPORTED.items():

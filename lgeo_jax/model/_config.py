@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import os
 from typing import Any
+
+from lgeo_jax._files import read_json
 
 
 class AttentionType(enum.Enum):
@@ -134,13 +135,7 @@ class Gemma2Config:
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike) -> Gemma2Config:
         cfg_path = os.path.join(os.fspath(path), "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{cfg_path}: missing; an HF Gemma-2 checkpoint directory needs config.json")
-        try:
-            with open(cfg_path) as f:
-                hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+        hf = read_json(cfg_path, needed_by="an HF Gemma-2 checkpoint directory")
         return cls.from_hf_config(hf, source=cfg_path)
 
     def to_hf_config(self) -> dict[str, Any]:
