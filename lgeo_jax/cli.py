@@ -84,7 +84,6 @@ def _run_stages(args: argparse.Namespace, target: str) -> int:
         raise ValueError(f"--force {unknown[0]!r}: unknown stage; stages are {', '.join(STAGE_NAMES)}")
     root = Path(config.run_dir)
     _setup_run_dir(root)
-    atomic_write_text(root / "config.yaml", dump_config(config))
     run = Run(root, config)
     for check in run.plan(force=tuple(args.force)):
         log.info("%s", check)
@@ -98,11 +97,16 @@ def _run_stages(args: argparse.Namespace, target: str) -> int:
         print(f"[{name}] running ...", flush=True)
         log.info("stage %s: start", name)
         t0 = time.perf_counter()
-        stage_function(name)(config, stage, run)
+        try:
+            stage_function(name)(config, stage, run)
+        except BaseException:
+            stage.abort()  # a rerun that fails leaves the previous results as they were
+            raise
         stage.finish()
         dt = time.perf_counter() - t0
         log.info("stage %s: done in %.1f s", name, dt)
         summary.append((name, "done", dt))
+    atomic_write_text(root / "config.yaml", dump_config(config))  # the config these results come from
     print("\nSummary")
     for name, what, dt in summary:
         print(f"  {name:<9} {what:<20} {dt:8.1f} s")

@@ -370,7 +370,8 @@ class Run:
 
     def begin(self, name: str, *, force: bool = False) -> StageRun:
         """Opens a stage for work: complete -> nothing to do (`StageRun.is_complete`); resumable ->
-        its progress so far; missing, stale or forced -> a fresh, empty directory (old output removed)."""
+        its progress so far; missing, stale or forced -> a fresh, empty directory (the old output is kept
+        under a temp name until `finish` drops it or `abort` restores it)."""
         check = self.check(name, force=force)
         if check.state is StageState.COMPLETE:
             return StageRun(self.stage_dir(name), self.manifest(name))
@@ -390,10 +391,10 @@ class Run:
         directory = self.stage_dir(name)
         for leftover in self.root.glob(f"{directory.name}{TMP_MARK}*"):  # from a crash while clearing
             shutil.rmtree(leftover)
-        if directory.exists():  # moved aside first, so a crash mid-delete leaves only a temp name
-            aside = directory.with_name(f"{directory.name}{TMP_MARK}stale-{uuid.uuid4().hex[:8]}")
-            os.replace(directory, aside)
-            shutil.rmtree(aside)
+        previous = None
+        if directory.exists():  # kept aside (under a temp name) until the new attempt finishes or fails
+            previous = directory.with_name(f"{directory.name}{TMP_MARK}previous-{uuid.uuid4().hex[:8]}")
+            os.replace(directory, previous)
         directory.mkdir(parents=True)
         now = _now()
         manifest = Manifest(
@@ -406,7 +407,7 @@ class Run:
             updated=now,
         )
         atomic_write_json(directory / MANIFEST_NAME, manifest.to_json())
-        return StageRun(directory, manifest)
+        return StageRun(directory, manifest, previous=previous)
 
     def _existing_downstream(self, name: str) -> tuple[str, ...]:
         return tuple(d for d in self.downstream(name) if (self.stage_dir(d) / MANIFEST_NAME).exists())
@@ -418,9 +419,10 @@ class Run:
 class StageRun:
     """An open stage: records progress in its manifest (atomically) and marks it complete."""
 
-    def __init__(self, path: Path, manifest: Manifest):
+    def __init__(self, path: Path, manifest: Manifest, previous: Path | None = None):
         self.path = path
         self._manifest = manifest
+        self._previous = previous  # the output this attempt replaces, restored by `abort`
 
     @property
     def manifest(self) -> Manifest:
@@ -447,8 +449,19 @@ class StageRun:
         self._write(done=done)
 
     def finish(self) -> None:
-        """Marks the stage complete; downstream stages may now read it."""
+        """Marks the stage complete (downstream stages may now read it) and drops the output it replaced."""
         self._write(status=Status.COMPLETE)
+        if self._previous is not None:
+            shutil.rmtree(self._previous, ignore_errors=True)
+            self._previous = None
+
+    def abort(self) -> None:
+        """After a failed attempt: puts back the output it was replacing, so bad input destroys nothing.
+        A first attempt has nothing to put back and stays resumable."""
+        if self._previous is not None:
+            shutil.rmtree(self.path)
+            os.replace(self._previous, self.path)
+            self._previous = None
 
     def _write(self, **changes: Any) -> None:
         if self.is_complete:

@@ -11,6 +11,7 @@ def test_report_tables_complete_and_finite(micro_run):
     assert (micro_run / "lgeo.log").read_text().count("stage report: done") == 1
     sweep = json.loads((micro_run / "saes" / "sweep.json").read_text())
     assert sweep["selected_l1"] in [p["l1_coeff"] for p in sweep["points"]]
+    assert sweep["used_l1"] == sweep["selected_l1"]  # micro sets sae.l1: null, so the sweep chooses it
 
 
 def test_rerun_skips_every_complete_stage(micro_run):

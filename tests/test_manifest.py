@@ -229,7 +229,24 @@ def test_stale_begin_starts_from_an_empty_directory(tmp_path):
     run = Run(tmp_path, _config("lora.ranks=[4, 16]"))
     stage = run.begin("adapters")
     assert not stage.is_complete and not (stage.path / "out.txt").exists()
+    # the replaced output waits under a temp name (never looks complete) until the attempt ends
+    assert len([p for p in tmp_path.iterdir() if is_temporary(p)]) == 1
+    stage.finish()
     assert [p.name for p in tmp_path.iterdir() if is_temporary(p)] == []
+
+
+def test_failed_rerun_restores_the_previous_output(tmp_path):
+    _run_all(Run(tmp_path, _config()), upto="adapters")
+    before = (tmp_path / "adapters" / "out.txt").read_text()
+    manifest_before = (tmp_path / "adapters" / "manifest.json").read_text()
+    stage = Run(tmp_path, _config()).begin("adapters", force=True)
+    (stage.path / "partial.bin").write_bytes(b"half")
+    stage.abort()  # the stage function raised
+    assert (tmp_path / "adapters" / "out.txt").read_text() == before
+    assert (tmp_path / "adapters" / "manifest.json").read_text() == manifest_before
+    assert not (tmp_path / "adapters" / "partial.bin").exists()
+    assert [p.name for p in tmp_path.iterdir() if is_temporary(p)] == []
+    assert Run(tmp_path, _config()).check("adapters").state.value == "complete"
 
 
 # ---- resume bookkeeping ---------------------------------------------------------------------------

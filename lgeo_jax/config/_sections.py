@@ -374,8 +374,9 @@ class SaeConfig(Section):
     architecture: SaeArchitecture = field(SaeArchitecture.RELU)
     width: int | None = field(16_384, check=greater(0))
     expansion_factor: float | None = field(None, check=greater(0))
-    l1: float = field(0.15, check=greater(0))
+    l1: float | None = field(0.15, check=greater(0))  # None: the sweep's coefficient nearest l0_target
     l1_sweep: tuple[float, ...] = field((), check=each(greater(0)))
+    l0_target: tuple[float, float] = field((20.0, 50.0), check=each(greater(0)))  # the paper's 20-50 active
     l1_warmup_steps: int = field(0, check=at_least(0))
     k: int | None = field(None, check=greater(0))  # TopK only
     normalize: SaeNormalize = field(SaeNormalize.RMS)
@@ -407,6 +408,17 @@ class SaeConfig(Section):
                 "set exactly one of sae.epochs and sae.token_budget "
                 f"(got {'both' if self.epochs is not None else 'neither'})",
             )
+
+    @cross_check("l1", "l1_sweep")
+    def _l1_choice(self) -> Iterator[Problem]:
+        if self.l1 is None and not self.l1_sweep:
+            yield Problem("l1", "null means 'pick from sae.l1_sweep by sae.l0_target', but sae.l1_sweep is empty")
+
+    @cross_check("l0_target")
+    def _l0_target(self) -> Iterator[Problem]:
+        lo, hi = self.l0_target
+        if lo > hi:
+            yield Problem("l0_target", f"expected [low, high] with low <= high, got [{lo}, {hi}]")
 
     @cross_check("architecture", "k")
     def _topk(self) -> Iterator[Problem]:

@@ -154,7 +154,8 @@ def run_analysis(config: StudyConfig, stage: StageRun, run: Run) -> None:
             "dictionary_paths": dictionaries,
             "subspace_k": config.analysis.subspace_k, "near_orthogonal_deg": config.analysis.near_orthogonal_deg,
             "aligned_deg": config.analysis.aligned_deg, "active_threshold": config.analysis.active_threshold,
-            "null_samples": config.analysis.null_samples, "sae_l1": config.sae.l1,
+            "null_samples": config.analysis.null_samples,
+            "sae_l1": run.manifest("saes").progress["l1"],  # the configured one, or the sweep's pick
         },
         "table4": table4(stats, adapters, config.extract.layers),
         "layers": layers,

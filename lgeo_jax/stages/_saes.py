@@ -61,6 +61,18 @@ def run_saes(config: StudyConfig, stage: StageRun, run: Run) -> None:
     heldout = config.analysis.eval_split
     sae_cfg, train_cfg = sae_configs(config, corpus.d_model)
     ranks = dict(zip(adapter_names(config), config.lora.ranks, strict=True))
+    l1 = s.l1
+    if s.l1_sweep:  # Table 12 on (first adapter, first layer), as the paper's layer 5 / rank 4 sweep
+        name, layer = next(iter(ranks)), layers[0]
+        x = corpus.split_rows(split, name, layer)
+        held = corpus.split_rows(heldout, name, layer)[: train_cfg.eval_rows]
+        points = l1_sweep(x, s.l1_sweep, sae_cfg, train_cfg, stage.path / "sweep", held_out=held,
+                          seed=init_seed(s.seeds[0], name, layer), plot=config.report.plots)
+        chosen = pick_l1(points, tuple(s.l0_target))
+        l1 = chosen.l1_coeff if l1 is None else l1
+        atomic_write_json(sweep_path(run), {
+            "adapter": name, "layer": layer, "l0_target": list(s.l0_target), "selected_l1": chosen.l1_coeff,
+            "used_l1": l1, "points": [dataclasses.asdict(p) for p in points]})
     arrays, names, seeds = [], [], []
     for name, rank in ranks.items():
         for layer in layers:
@@ -75,24 +87,14 @@ def run_saes(config: StudyConfig, stage: StageRun, run: Run) -> None:
                 names.append(base_sae_name(layer, seed))
                 seeds.append(init_seed(seed, BASE_NAME, layer))
     with CorpusSource(corpus, split, arrays, names=names, held_out_split=heldout) as source:
-        result = train_saes(source, sae_cfg, train_cfg, [s.l1] * len(names), seeds, stage.path / "job",
+        result = train_saes(source, sae_cfg, train_cfg, [l1] * len(names), seeds, stage.path / "job",
                             plot=config.report.plots)
-    stage.update(saes=len(names), tokens_per_sae=result.final_metrics[0].get("step", 0) * train_cfg.batch_size
+    stage.update(saes=len(names), l1=l1, tokens_per_sae=result.final_metrics[0].get("step", 0) * train_cfg.batch_size
                  if result.final_metrics[0] else None)
 
     if not config.analysis.gemma_scope_dir:
         _export_reference(config, run, layers)
 
-    if s.l1_sweep:
-        name, layer = next(iter(ranks)), layers[0]
-        x = corpus.split_rows(split, name, layer)
-        held = corpus.split_rows(heldout, name, layer)[: train_cfg.eval_rows]
-        points = l1_sweep(x, s.l1_sweep, sae_cfg, train_cfg, stage.path / "sweep", held_out=held,
-                          seed=init_seed(s.seeds[0], name, layer), plot=config.report.plots)
-        chosen = pick_l1(points)
-        atomic_write_json(sweep_path(run), {
-            "adapter": name, "layer": layer, "selected_l1": chosen.l1_coeff,
-            "points": [dataclasses.asdict(p) for p in points]})
 
 
 def _export_reference(config: StudyConfig, run: Run, layers) -> None:
