@@ -35,7 +35,7 @@ def test_plan_builtin_counts_match_the_model(capsys):
     (["plan", "configs/does_not_exist.yaml"], "cannot read the config file"),
     (["plan", "configs/tiny.yaml", "--set", "lora.ranks=[0, 4]"], "lora.ranks"),
     (["run", "configs/tiny.yaml", "--out", "{tmp}", "--force", "nonsense"], "--force 'nonsense': unknown stage"),
-    (["plan", "configs/micro.yaml", "--set", "sae.l1_sweep=[]"], "sae.l1: null means 'pick from sae.l1_sweep"),
+    (["plan", "configs/micro.yaml", "--set", "sae.l1_sweep=[]"], "null means 'pick from sae.l1_sweep"),
 ])
 def test_bad_input_one_message_no_traceback(tmp_path, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
