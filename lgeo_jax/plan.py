@@ -57,7 +57,8 @@ def plan_text(config: StudyConfig) -> str:
         f"Model: {source}",
         f"  {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} q / {cfg.n_kv_heads} kv heads, head_dim "
         f"{cfg.head_dim}, MLP {cfg.mlp_dim}, vocab {cfg.vocab_size}",
-        f"  parameters: {total:,} ({_gib(total * dtype.itemsize)} in {dtype.name})",
+        f"  parameters: {total:,} ({_gib(total * dtype.itemsize)} in {dtype.name}; per device with the weights "
+        f"sharded over fsdp x model = 8: {_gib(total * dtype.itemsize / 8)})",
         "",
         "LoRA adapters (trainable parameters, % of the base model's parameters):",
     ]
