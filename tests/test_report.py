@@ -145,6 +145,7 @@ def build_run(tmp_path: pathlib.Path, *overrides: str, rows=ROWS, gs_layers=LAYE
             write_corpus(config, run, stage.path, rows)
         if name == "saes":
             write_saes(config, run)
+            stage.update(l1=0.1)  # the coefficient the saes stage records (tiny.yaml lets the sweep choose)
             if config.analysis.gemma_scope_dir is None:
                 export_reference(config, run)
         stage.finish()
@@ -323,3 +324,22 @@ def test_empty_evaluation_split(tmp_path):
     config, run = build_run(tmp_path, rows={"probe": 96, "heldout": 0})
     with pytest.raises(ValueError, match="corpus split 'heldout' .* has no tokens"):
         analyze(config, run)
+
+
+def test_saelens_directory_as_dictionary(tmp_path):
+    """`analysis.dictionary_dirs`: a SAELens directory is the reference for a layer, read as SAELens stores it."""
+    from lgeo_jax.sae import write_saelens
+
+    reference = random_relu_sae(4242, 2.0, width=GS_WIDTH)
+    write_saelens(reference, tmp_path / "saelens_L1")
+    layer = LAYERS[0]
+    config, run = build_run(tmp_path, f"extract.layers=[{layer}]", f"lora.ranks=[{RANKS[0]}]",
+                            f'analysis.dictionary_dirs={{"{layer}": "{tmp_path / "saelens_L1"}"}}')
+    results = analyze(config, run)
+    record = results["layers"][f"L{layer}"]
+    assert results["meta"]["dictionary_paths"][f"L{layer}"] == str(tmp_path / "saelens_L1")
+    # the dictionary's reconstruction of h_base is the SAELens SAE's (scale folded into its weights on export)
+    x = activations(ROWS["heldout"], seed=1)[(BASE_NAME, layer)]
+    err = np.linalg.norm(x - np.asarray(reference.reconstruct(x)), axis=1) / np.linalg.norm(x, axis=1)
+    np.testing.assert_allclose(record["base"]["dictionary_on_base"]["rel_l2"], err.mean(), rtol=1e-4)
+    assert record["adapters"][f"r{RANKS[0]}"]["table9"]["dictionary_rows"] == GS_WIDTH

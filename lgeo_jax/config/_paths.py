@@ -78,6 +78,9 @@ def _data(config: StudyConfig) -> Iterator[Problem]:
 
 def _gemma_scope(config: StudyConfig) -> Iterator[Problem]:
     analysis = config.analysis
+    for layer, directory in analysis.dictionary_dirs.items():
+        if not os.path.isdir(directory):
+            yield Problem(f"analysis.dictionary_dirs.{layer}", f"SAE directory {directory!r} not found")
     root = analysis.gemma_scope_dir
     if root is None:
         return

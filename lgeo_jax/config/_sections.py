@@ -438,6 +438,9 @@ class AnalysisConfig(Section):
     gemma_scope_dir: str | None = field(None)  # holds layer_L/<width>/average_l0_N/params.npz
     gemma_scope_width: str = field("width_16k")
     gemma_scope_l0: Mapping[int, int] = field(GEMMA_SCOPE_9B_L0, check=layer_l0())
+    # layer -> an SAE directory in any format `lgeo_jax.sae.load_sae` reads (SAELens, sparsify, a Gemma Scope
+    # params.npz folder, ours): the reference dictionary for that layer instead of Gemma Scope
+    dictionary_dirs: Mapping[int, str] = field(types.MappingProxyType({}))
     max_cosine_chunk: int = field(512, check=greater(0), affects_results=False)
     subspace_k: int = field(256, check=greater(0))
     near_orthogonal_deg: float = field(70.0, check=in_range(0.0, 90.0))
@@ -454,6 +457,10 @@ class AnalysisConfig(Section):
                 "aligned_deg",
                 f"must be below near_orthogonal_deg ({self.near_orthogonal_deg:g}), got {self.aligned_deg:g}",
             )
+
+    def has_external_dictionary(self, layer: int) -> bool:
+        """True when `layer`'s reference dictionary comes from outside the run (else: our base-SAE export)."""
+        return layer in self.dictionary_dirs or self.gemma_scope_dir is not None
 
     def gemma_scope_params(self, layer: int) -> str:
         """Relative path of the Gemma Scope SAE used for `layer`."""
@@ -515,7 +522,8 @@ class StudyConfig(Section):
                 f"split {self.analysis.eval_split!r} is not extracted; add it "
                 f"to extract.splits {list(self.extract.splits)}",
             )
-        missing = [layer for layer in self.extract.layers if layer not in self.analysis.gemma_scope_l0]
+        missing = [layer for layer in self.extract.layers
+                   if layer not in self.analysis.gemma_scope_l0 and layer not in self.analysis.dictionary_dirs]
         if self.analysis.gemma_scope_dir is not None and missing:
             yield Problem(
                 "analysis.gemma_scope_l0",

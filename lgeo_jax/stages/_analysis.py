@@ -72,6 +72,13 @@ def dictionary_path(config: StudyConfig, run: Run, layer: int) -> Path:
     return path
 
 
+def reference_path(config: StudyConfig, run: Run, layer: int) -> Path:
+    """Where `layer`'s reference dictionary lives: `analysis.dictionary_dirs`, else the Gemma Scope layout."""
+    if layer in config.analysis.dictionary_dirs:
+        return Path(config.analysis.dictionary_dirs[layer])
+    return dictionary_path(config, run, layer)
+
+
 def _load(path: Path, what: str) -> SAE:
     if not path.is_dir():
         raise ValueError(f"{what}: {path} not found; run the saes stage to completion")
@@ -80,12 +87,15 @@ def _load(path: Path, what: str) -> SAE:
 
 def load_layer_saes(config: StudyConfig, run: Run, layer: int) -> LayerSAEs:
     """The dictionary, every seed's delta SAE per adapter, and the base SAEs usable for base-base."""
-    dictionary = load_gemma_scope(dictionary_path(config, run, layer))
+    if layer in config.analysis.dictionary_dirs:
+        dictionary = _load(reference_path(config, run, layer), f"analysis.dictionary_dirs.{layer}")
+    else:
+        dictionary = load_gemma_scope(reference_path(config, run, layer))
     seeds = config.sae.seeds
     delta = {name: {s: _load(delta_sae_dir(run, rank, layer, s), f"delta SAE {name} layer {layer} seed {s}")
                     for s in seeds}
              for name, rank in zip(adapter_names(config), config.lora.ranks, strict=True)}
-    exported = not config.analysis.gemma_scope_dir  # then base seed 0 *is* the dictionary: not its own null
+    exported = not config.analysis.has_external_dictionary(layer)  # then base seed 0 *is* the dictionary
     base_seeds = seeds[1:] if exported else (seeds if config.sae.base_saes else ())
     base = {s: _load(base_sae_dir(run, layer, s), f"base SAE layer {layer} seed {s}") for s in base_seeds}
     return LayerSAEs(dictionary, delta, base)
@@ -125,7 +135,7 @@ def run_analysis(config: StudyConfig, stage: StageRun, run: Run) -> None:
     dictionaries = {}
     for layer in config.extract.layers:
         unit = f"L{layer}"
-        dictionaries[unit] = str(dictionary_path(config, run, layer))
+        dictionaries[unit] = str(reference_path(config, run, layer))
         if stage.is_done(unit):
             continue
         record, arrays = analyze_layer(
@@ -150,12 +160,15 @@ def run_analysis(config: StudyConfig, stage: StageRun, run: Run) -> None:
             "activation_dtype": stats.get("activation_dtype"), "store_dtype": stats.get("store_dtype"),
             "dictionary": (f"Gemma Scope ({config.analysis.gemma_scope_dir}, {config.analysis.gemma_scope_width})"
                            if config.analysis.gemma_scope_dir else
-                           f"our base SAE (seed {config.sae.seeds[0]}) exported in the Gemma Scope layout"),
+                           f"our base SAE (seed {config.sae.seeds[0]}) exported in the Gemma Scope layout")
+            + (f"; per-layer SAE directories for layers {sorted(config.analysis.dictionary_dirs)}"
+               if config.analysis.dictionary_dirs else ""),
             "dictionary_paths": dictionaries,
             "subspace_k": config.analysis.subspace_k, "near_orthogonal_deg": config.analysis.near_orthogonal_deg,
             "aligned_deg": config.analysis.aligned_deg, "active_threshold": config.analysis.active_threshold,
             "null_samples": config.analysis.null_samples,
-            "sae_l1": run.manifest("saes").progress["l1"],  # the configured one, or the sweep's pick
+            # what the saes stage used (the configured one, or the sweep's pick when sae.l1 is null)
+            "sae_l1": run.manifest("saes").progress.get("l1", config.sae.l1),
         },
         "table4": table4(stats, adapters, config.extract.layers),
         "layers": layers,

@@ -80,7 +80,8 @@ def run_saes(config: StudyConfig, stage: StageRun, run: Run) -> None:
                 arrays.append((name, layer))
                 names.append(delta_sae_name(rank, layer, seed))
                 seeds.append(init_seed(seed, name, layer))
-    if s.base_saes or not config.analysis.gemma_scope_dir:
+    exported = [layer for layer in layers if not config.analysis.has_external_dictionary(layer)]
+    if s.base_saes or exported:
         for layer in layers:
             for seed in s.seeds:
                 arrays.append((BASE_NAME, layer))
@@ -92,8 +93,8 @@ def run_saes(config: StudyConfig, stage: StageRun, run: Run) -> None:
     stage.update(saes=len(names), l1=l1, tokens_per_sae=result.final_metrics[0].get("step", 0) * train_cfg.batch_size
                  if result.final_metrics[0] else None)
 
-    if not config.analysis.gemma_scope_dir:
-        _export_reference(config, run, layers)
+    if exported:
+        _export_reference(config, run, exported)
 
 
 
