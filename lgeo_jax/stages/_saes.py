@@ -88,14 +88,11 @@ def run_saes(config: StudyConfig, stage: StageRun, run: Run) -> None:
                 names.append(base_sae_name(layer, seed))
                 seeds.append(init_seed(seed, BASE_NAME, layer))
     with CorpusSource(corpus, split, arrays, names=names, held_out_split=heldout) as source:
-        result = train_saes(source, sae_cfg, train_cfg, [l1] * len(names), seeds, stage.path / "job",
-                            plot=config.report.plots)
-    stage.update(saes=len(names), l1=l1, tokens_per_sae=result.final_metrics[0].get("step", 0) * train_cfg.batch_size
-                 if result.final_metrics[0] else None)
-
+        train_saes(source, sae_cfg, train_cfg, [l1] * len(names), seeds, stage.path / "job", plot=config.report.plots)
+        tokens = train_cfg.total_steps(source.n_rows) * train_cfg.batch_size
+    stage.update(saes=len(names), l1=l1, tokens_per_sae=tokens)
     if exported:
         _export_reference(config, run, exported)
-
 
 
 def _export_reference(config: StudyConfig, run: Run, layers) -> None:
