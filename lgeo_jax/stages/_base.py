@@ -55,6 +55,8 @@ def run_base(config: StudyConfig, stage: StageRun, run: Run) -> None:
     tok_cfg = dataclasses.replace(tokenize_config(config), loss_on="all")
     examples = tokenize_split(load_records(run), tokenizer, split_config(config), "train", tok_cfg)
     cfg = builtin_model_config(config, len(tokenizer))
+    # Pretraining restarts from scratch after a crash (it is short); the manifest says it is under way.
+    stage.update(pretraining=f"{builtin.pretrain_steps} steps on {len(examples)} training sequences")
     result = pretrain_base(cfg, examples, steps=builtin.pretrain_steps, lr=builtin.pretrain_lr,
                            batch_size=builtin.pretrain_batch_size, seed=builtin.seed)
     dtype = config.model.dtype.value if config.model.dtype is not None else None
