@@ -1,7 +1,9 @@
 """Geometry kernels: max-cosine, top subspaces and principal angles, linear CKA, and their null baselines.
 
 All kernels run in float32 under `jax.jit` (matmuls at HIGHEST precision) and batch over leading axes;
-host-side accumulation (streaming CKA) is float64 numpy. Per-table metrics built on these live in
+host-side accumulation (streaming CKA) is float64 numpy. To spread many (adapter, layer) pairs over devices,
+place the leading pair axis on a mesh axis (`jax.device_put(x, NamedSharding(mesh, P("data")))`): the
+kernels then run sharded, one slice of pairs per device, with the same numbers. Per-table metrics built on these live in
 `lgeo_jax.analysis`.
 
 Einsum letters: M rows of the first dictionary, N rows of the second, C rows in a chunk, D feature dim
