@@ -29,6 +29,7 @@ from lgeo_jax.config._convert import (
     split_range,
 )
 from lgeo_jax.config._errors import Problem
+from lgeo_jax.data._tokenize import LossOn, Overflow  # one definition, shared with the data pipeline
 
 BUILTIN_MODEL = "builtin:tiny"
 BUILTIN_DATA = "builtin:synthetic"
@@ -49,18 +50,6 @@ SECTION_NAMES = ("model", "data", "lora", "train", "extract", "sae", "analysis",
 class DType(enum.Enum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
-
-
-class LossOn(enum.Enum):
-    """Same values as `lgeo_jax.data.LossOn`: response tokens only (the Alpaca recipe) or all tokens."""
-
-    RESPONSE = "response"
-    ALL = "all"
-
-
-class Overflow(enum.Enum):
-    TRUNCATE = "truncate"
-    ERROR = "error"
 
 
 class Schedule(enum.Enum):

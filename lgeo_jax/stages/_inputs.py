@@ -66,8 +66,8 @@ def split_config(config: StudyConfig) -> SplitConfig:
 
 
 def tokenize_config(config: StudyConfig) -> TokenizeConfig:
-    return TokenizeConfig(max_length=config.data.max_length, loss_on=config.data.loss_on.value,
-                          overflow=config.data.overflow.value)
+    return TokenizeConfig(max_length=config.data.max_length, loss_on=config.data.loss_on,
+                          overflow=config.data.overflow)
 
 
 # ---- SAEs (written by the `saes` stage) ------------------------------------------------------------
