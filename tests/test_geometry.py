@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.optimize
 
 from lgeo_jax import geometry as geo
 
@@ -281,7 +282,7 @@ def test_expected_max_cosine_matches_monte_carlo(absolute):
 
 def test_max_cosine_null_at_paper_shape_analytic():
     exact = geo.expected_max_cosine(16_384, 3584)
-    assert abs(exact - 0.067) < 1e-3  # DESIGN.md / PAPER.md: ~0.067 vs the paper's "random = 0.000"
+    assert abs(exact - 0.067) < 1e-3  # docs/conventions.md: ~0.067 vs the paper's "random = 0.000"
     assert abs(geo.gumbel_max_cosine(16_384, 3584) / exact - 1) < 0.01  # the asymptotic is within 1%
 
 
@@ -333,3 +334,197 @@ def test_pair_batches_shard_across_devices():
     assert angles.sharding.spec == PartitionSpec("data")
     want = geo.principal_angles(geo.top_subspace(a, 5), geo.top_subspace(b, 5))
     np.testing.assert_allclose(np.asarray(angles), np.asarray(want), rtol=0, atol=1e-3)
+
+
+# =========================================================================================================
+# Issue 16: principal angles between subspaces of different dims, one-to-one matching (Hungarian),
+# mutual nearest neighbours, and their null baselines.
+# =========================================================================================================
+
+
+@pytest.mark.parametrize(
+    "k, j, d, seed",
+    [(3, 8, 29, 20), (11, 4, 37, 21), (1, 6, 13, 22), (9, 7, 12, 23)],  # last: K + J > D forces 4 zero angles
+)
+def test_principal_angles_unequal_dims_match_scipy(k, j, d, seed):
+    """K != J: min(K, J) angles in degrees, ascending, with scipy's values (scipy: radians, descending).
+
+    Tolerance: `_angle_atol_deg`, 4 eps cond(basis) (the float32 QR moves each subspace by ~eps cond
+    radians); the reference runs in float64 on the same float32-rounded inputs.
+    """
+    rng = np.random.default_rng(seed)
+    u, v = _f32(rng.normal(size=(k, d))), _f32(rng.normal(size=(j, d)))
+    ours = np.asarray(geo.principal_angles(u, v))
+    assert ours.shape == (min(k, j),) and np.all(np.diff(ours) >= 0)
+    atol = _angle_atol_deg(u, v)
+    np.testing.assert_allclose(ours, np.degrees(scipy.linalg.subspace_angles(u.T, v.T))[::-1], atol=atol, rtol=0)
+    np.testing.assert_allclose(np.asarray(geo.principal_angles(v, u)), ours, atol=atol, rtol=0)
+    if k + j > d:
+        assert np.all(ours[: k + j - d] < 1e-3) and ours[k + j - d] > 1.0
+
+
+def test_principal_angles_unequal_dims_nearly_contained():
+    """A 4-dim subspace tilted ~1e-3 deg out of a 9-dim one: the sine path with K != J, both argument orders.
+
+    Tolerance as in `test_principal_angles_nearly_identical_subspaces` (float32 residual rounding ~2e-5 deg
+    absolute; 1e-5 deg + 1% relative).
+    """
+    rng = np.random.default_rng(24)
+    v = rng.normal(size=(9, 47))
+    u = _f32(v[:4] + 2e-5 * rng.normal(size=(4, 47)))
+    v = _f32(v)
+    ref = _scipy_angles_deg(u, v)
+    assert ref.shape == (4,) and 1e-4 < ref.min() and ref.max() < 1e-2  # really the tiny-angle regime
+    np.testing.assert_allclose(np.asarray(geo.principal_angles(u, v)), ref, rtol=1e-2, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(geo.principal_angles(v, u)), ref, rtol=1e-2, atol=1e-5)
+
+
+def test_null_principal_angles_unequal_dims():
+    """Random 30- and 35-dim subspaces of R^50 share at least 15 dims: 15 angles ~0, the rest not."""
+    angles = np.asarray(geo.null_principal_angles(30, 50, k2=35, seed=6, n_trials=3))  # [3, 30]
+    assert angles.shape == (3, 30) and np.all(np.diff(angles, axis=-1) >= 0)
+    assert np.all(angles[:, :15] < 1e-3) and np.all(angles[:, 15:] > 1.0)
+    swapped = np.asarray(geo.null_principal_angles(35, 50, k2=30, seed=6, n_trials=3))
+    assert swapped.shape == (3, 30) and np.all(swapped[:, :15] < 1e-3)
+    summary = geo.angle_summary(angles, aligned=1e-3)
+    np.testing.assert_allclose(np.asarray(summary["frac_aligned"]), 0.5)
+    np.testing.assert_allclose(np.asarray(summary["mean"]), angles.mean(axis=-1), rtol=1e-6)
+
+
+def _cosines64(a, b, absolute=False):
+    cos = _unit(a) @ _unit(b).T  # [M, N]
+    return np.abs(cos) if absolute else cos
+
+
+def _check_assignment(rows, cols, cos, m, n, pairs):
+    assert rows.shape == cols.shape == cos.shape == (pairs,)
+    assert rows.dtype.kind == cols.dtype.kind == "i" and cos.dtype == np.float32
+    assert np.all(np.diff(rows) > 0)  # ascending, hence one-to-one on the a side
+    assert len(np.unique(cols)) == pairs  # one-to-one on the b side
+    assert rows.min() >= 0 and rows.max() < m and cols.min() >= 0 and cols.max() < n
+
+
+@pytest.mark.parametrize("m, n, d, chunk", [(23, 23, 5, 7), (19, 41, 3, 8), (47, 13, 11, 512)])
+@pytest.mark.parametrize("absolute", [False, True])
+def test_hungarian_match_is_an_optimal_assignment(m, n, d, chunk, absolute):
+    """Total cosine equals scipy's float64 optimum; chunks that do not divide M, M < N, M > N.
+
+    Tolerance: our assignment is optimal for float32 cosines within delta = 2e-6 of float64 (as in the
+    max-cosine tests), so its float64 total is within 2 * pairs * delta of the float64 optimum.
+    """
+    rng = np.random.default_rng(30 + m)
+    a = _f32(rng.normal(size=(m, d)))
+    b = _f32(rng.normal(size=(n, d)) * rng.uniform(0.1, 10.0, size=(n, 1)))
+    cos = _cosines64(a, b, absolute)
+    rows, cols, got = geo.hungarian_match(a, b, chunk=chunk, absolute=absolute)
+    pairs = min(m, n)
+    _check_assignment(rows, cols, got, m, n, pairs)
+    ref_rows, ref_cols = scipy.optimize.linear_sum_assignment(cos, maximize=True)
+    delta = 2e-6
+    assert abs(cos[rows, cols].sum() - cos[ref_rows, ref_cols].sum()) <= 2 * pairs * delta
+    np.testing.assert_allclose(got, cos[rows, cols], atol=delta, rtol=0)
+    # The case must need an assignment: rows' nearest columns collide, so per-row argmax is not one-to-one.
+    nearest = cos.argmax(axis=1) if m <= n else cos.argmax(axis=0)
+    assert len(np.unique(nearest)) < pairs
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_hungarian_match_recovers_a_permuted_rescaled_copy(absolute):
+    """b = a's rows shuffled among extra latents, each scaled by a random positive factor (or, with
+    absolute=True, a random-sign one): matched back exactly as the permutation, cosine 1 to 1e-5."""
+    rng = np.random.default_rng(31)
+    a = _f32(rng.normal(size=(61, 29)))
+    scale = rng.uniform(0.01, 100.0, size=(61, 1))
+    if absolute:
+        scale *= rng.choice([-1.0, 1.0], size=(61, 1))
+    perm = rng.permutation(78)
+    b = _f32(np.concatenate([a * scale, rng.normal(size=(17, 29))])[perm])  # b[j] = stacked row perm[j]
+    position = np.argsort(perm)  # position[i] = where stacked row i (a[i] for i < 61) went in b
+    rows, cols, cos = geo.hungarian_match(a, b, chunk=16, absolute=absolute)
+    np.testing.assert_array_equal(rows, np.arange(61))
+    np.testing.assert_array_equal(cols, position[:61])
+    np.testing.assert_allclose(cos, 1.0, atol=1e-5, rtol=0)
+    # The other way round: the 17 extra latents of b stay unmatched.
+    rows, cols, cos = geo.hungarian_match(b, a, chunk=16, absolute=absolute)
+    np.testing.assert_array_equal(rows, np.sort(position[:61]))
+    np.testing.assert_array_equal(cols, perm[rows])
+    np.testing.assert_allclose(cos, 1.0, atol=1e-5, rtol=0)
+
+
+def test_hungarian_match_leaves_dead_rows_unmatched():
+    rng = np.random.default_rng(32)
+    a, b = _f32(rng.normal(size=(7, 5))), _f32(rng.normal(size=(6, 5)))
+    a[[1, 4]] = 0.0
+    b[2] = 0.0
+    rows, cols, cos = geo.hungarian_match(a, b)
+    _check_assignment(rows, cols, cos, 7, 6, 5)
+    assert not set(rows) & {1, 4} and 2 not in cols
+    live_a, live_b = np.array([0, 2, 3, 5, 6]), np.array([0, 1, 3, 4, 5])
+    ref = _cosines64(a[live_a], b[live_b])
+    best = ref[scipy.optimize.linear_sum_assignment(ref, maximize=True)].sum()
+    np.testing.assert_allclose(cos.sum(), best, rtol=0, atol=2 * 5 * 2e-6)
+    empty = geo.hungarian_match(np.zeros((3, 5)), b)
+    assert all(x.shape == (0,) for x in empty)
+    with pytest.raises(ValueError, match="equal dim"):
+        geo.hungarian_match(a, np.ones((3, 4)))
+
+
+def _mutual_fraction64(a, b, absolute=False):
+    cos = _cosines64(a, b, absolute)  # [M, N]
+    for c in (cos, cos.T):  # no near-ties, so float32 argmaxes cannot flip
+        top2 = np.sort(c, axis=1)[:, -2:]
+        assert np.all(top2[:, 1] - top2[:, 0] > 1e-5)
+    a_to_b, b_to_a = cos.argmax(axis=1), cos.argmax(axis=0)
+    return np.mean(b_to_a[a_to_b] == np.arange(len(a)))
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_mutual_nearest_fraction_matches_float64(absolute):
+    """Batched [2, ...]; b holds noisy copies of 20 of a's 43 rows among 31 random ones."""
+    rng = np.random.default_rng(40)
+    a = _f32(rng.normal(size=(2, 43, 17)))
+    copies = a[:, :20] + 0.5 * rng.normal(size=(2, 20, 17))
+    b = _f32(np.concatenate([copies, rng.normal(size=(2, 31, 17))], axis=1))
+    ours = np.asarray(geo.mutual_nearest_fraction(a, b, chunk=8, absolute=absolute))  # [2]
+    assert ours.shape == (2,)
+    for i in range(2):
+        ref = _mutual_fraction64(a[i], b[i], absolute)
+        assert 0.35 < ref < 0.95  # neither trivial nor saturated
+        np.testing.assert_allclose(ours[i], ref, rtol=0, atol=1e-6)
+
+
+def test_mutual_nearest_fraction_dead_rows():
+    rng = np.random.default_rng(41)
+    a, b = _f32(rng.normal(size=(13, 6))), _f32(rng.normal(size=(11, 6)))
+    a[3] = 0.0
+    b[[0, 5]] = 0.0
+    live_a, live_b = np.delete(np.arange(13), 3), np.delete(np.arange(11), [0, 5])
+    ref = _mutual_fraction64(a[live_a], b[live_b])  # dead rows of a leave the fraction, of b never win
+    np.testing.assert_allclose(float(geo.mutual_nearest_fraction(a, b)), ref, rtol=0, atol=1e-6)
+    assert np.isnan(float(geo.mutual_nearest_fraction(a, np.zeros((4, 6)))))
+
+
+def test_null_matching_between_random_pairing_and_max_cosine():
+    """Same directions as null_max_cosine: a matched cosine never beats the row's max-cosine, equals it for
+    one row, nearly equals it when rows rarely share a nearest neighbour, and falls measurably below it
+    when m = n; yet it is far above a random one-to-one pairing (mean 0, standard error 1 / sqrt(d m))."""
+    single = geo.null_matching(1, 500, 64, seed=1)
+    np.testing.assert_allclose(single, float(geo.null_max_cosine(1, 500, 64, seed=1)[0]), rtol=0, atol=1e-7)
+    sparse = geo.null_matching(20, 4000, 64, seed=2)
+    assert abs(sparse - float(np.mean(geo.null_max_cosine(20, 4000, 64, seed=2)))) < 1e-3
+    matched = geo.null_matching(400, 400, 64, seed=3)
+    nearest = float(np.mean(geo.null_max_cosine(400, 400, 64, seed=3)))  # ~0.36
+    assert matched < nearest - 0.005  # ~0.345: collisions cost something
+    assert matched > 0.8 * nearest and matched > 20 / math.sqrt(64 * 400)
+    assert geo.null_matching(400, 400, 64, seed=3, absolute=True) > matched
+
+
+@pytest.mark.parametrize("m, n, d, absolute", [(3000, 2000, 300, False), (500, 2000, 8, True)])
+def test_null_mutual_nearest_fraction_matches_closed_form(m, n, d, absolute):
+    """E = n / (n + m - 1) exactly (the _null module docstring); 4 seeds, 4 binomial standard errors (rows
+    of one draw are close to independent: measured spread across seeds is at most the binomial one).
+    Counting over b's rows instead of a's would give m / (n + m - 1) and fail."""
+    p = geo.expected_mutual_nearest_fraction(m, n)
+    values = [geo.null_mutual_nearest_fraction(m, n, d, seed=s, absolute=absolute) for s in range(4)]
+    assert abs(np.mean(values) - p) < 4 * math.sqrt(p * (1 - p) / (4 * m))
+    assert geo.expected_mutual_nearest_fraction(1000, 1000) == pytest.approx(0.5, abs=1e-3)

@@ -1,7 +1,7 @@
 """What the geometric statistics look like for random directions: the baseline the paper called 0.000.
 
 Monte Carlo nulls run the real kernels on Gaussian (hence uniformly oriented) rows of the same shapes
-as the real comparison. Two closed forms back them up:
+as the real comparison. Closed forms back them up:
 
 * Max-cosine. For a fixed unit vector, its cosines with n independent uniform directions in R^d are
   i.i.d. with angle density proportional to sin^(d-2)(theta). `expected_max_cosine` integrates the law
@@ -16,6 +16,16 @@ as the real comparison. Two closed forms back them up:
   density sqrt((l - l-)(l+ - l)) / (2 pi a l (1 - l)) on [l-, l+], l+- = (sqrt(a(1-b)) +- sqrt(b(1-a)))^2.
   `wachter_angle_stats` integrates it. Its "min" is the edge of the support, arccos(sqrt(l+)); finite
   samples scatter around it (e.g. 59.0 deg in the limit vs ~59.2-59.5 deg at k = 256, d = 3584).
+* Mutual nearest neighbours. Row i of a and row j of b are mutual nearest neighbours when cos(a_i, b_j)
+  is the largest of the m + n - 1 cosines in its row and its column (a "cross"). For independent uniform
+  directions the cosines along the edges of any tree on the points are i.i.d. (draw the points one at a
+  time from a root: by rotation invariance each new cosine with its parent is independent of the rest),
+  and a cross is a tree, so each cosine in it is the largest with probability 1 / (m + n - 1). Summing over
+  the m n pairs, E[fraction of rows of a] = n / (n + m - 1) exactly, for every d >= 2, signed or |cos|
+  (`expected_mutual_nearest_fraction`): 1/2 for equal sizes, far from 0.
+  Hungarian matching has no such closed form: `null_matching` is Monte Carlo only. Its mean matched
+  cosine lies below the mean max-cosine of the same directions (a matched partner is never better than
+  the nearest one) and approaches it when m << n.
 """
 
 from __future__ import annotations
@@ -25,20 +35,44 @@ import math
 import jax
 import numpy as np
 
+from lgeo_jax.geometry._matching import hungarian_match, mutual_nearest_fraction
 from lgeo_jax.geometry._max_cosine import max_cosine
 from lgeo_jax.geometry._subspace import principal_angles
 
 _EULER_GAMMA = 0.5772156649015329
 
 
-def null_max_cosine(m: int, n: int, d: int, *, seed: int = 0, absolute: bool = False, chunk: int = 512) -> jax.Array:
-    """Max-cosine [m] of m random directions against n random directions in R^d (Monte Carlo)."""
+def _random_directions(m: int, n: int, d: int, seed: int, where: str) -> tuple[jax.Array, jax.Array]:
+    """Gaussian rows a [M, D], b [N, D]: the same ones for every null with the same (m, n, d, seed)."""
     if min(m, n, d) < 1:
-        raise ValueError(f"null_max_cosine: m={m}, n={n}, d={d} must all be >= 1")
+        raise ValueError(f"{where}: m={m}, n={n}, d={d} must all be >= 1")
     key_a, key_b = jax.random.split(jax.random.key(seed))
     a = jax.random.normal(key_a, (m, d), jax.numpy.float32)  # [M, D]
     b = jax.random.normal(key_b, (n, d), jax.numpy.float32)  # [N, D]
+    return a, b
+
+
+def null_max_cosine(m: int, n: int, d: int, *, seed: int = 0, absolute: bool = False, chunk: int = 512) -> jax.Array:
+    """Max-cosine [m] of m random directions against n random directions in R^d (Monte Carlo)."""
+    a, b = _random_directions(m, n, d, seed, "null_max_cosine")
     return max_cosine(a, b, chunk=chunk, absolute=absolute)
+
+
+def null_matching(m: int, n: int, d: int, *, seed: int = 0, absolute: bool = False, chunk: int = 512) -> float:
+    """Mean matched cosine of `hungarian_match` between m and n random directions in R^d (Monte Carlo).
+
+    Same directions as `null_max_cosine` with the same arguments, so the two can be compared pair by pair.
+    """
+    a, b = _random_directions(m, n, d, seed, "null_matching")
+    return float(np.mean(hungarian_match(a, b, chunk=chunk, absolute=absolute)[2], dtype=np.float64))
+
+
+def null_mutual_nearest_fraction(
+    m: int, n: int, d: int, *, seed: int = 0, absolute: bool = False, chunk: int = 512
+) -> float:
+    """`mutual_nearest_fraction` of m random directions against n random directions in R^d (Monte Carlo)."""
+    a, b = _random_directions(m, n, d, seed, "null_mutual_nearest_fraction")
+    return float(mutual_nearest_fraction(a, b, chunk=chunk, absolute=absolute))
 
 
 def null_principal_angles(k: int, d: int, *, k2: int | None = None, seed: int = 0, n_trials: int = 1) -> jax.Array:
@@ -50,6 +84,13 @@ def null_principal_angles(k: int, d: int, *, k2: int | None = None, seed: int = 
     u = jax.random.normal(key_u, (n_trials, k, d), jax.numpy.float32)  # [R, K, D]
     v = jax.random.normal(key_v, (n_trials, k2, d), jax.numpy.float32)  # [R, J, D]
     return principal_angles(u, v)
+
+
+def expected_mutual_nearest_fraction(m: int, n: int) -> float:
+    """E[mutual_nearest_fraction] = n / (n + m - 1) for m against n random directions (exact; module docstring)."""
+    if min(m, n) < 1:
+        raise ValueError(f"expected_mutual_nearest_fraction: m={m}, n={n} must be >= 1")
+    return n / (n + m - 1)
 
 
 def expected_max_cosine(n: int, d: int, *, absolute: bool = False, grid: int = 400_001) -> float:

@@ -6,8 +6,9 @@ Principal angles follow Knyazev & Argentati (2002), as `scipy.linalg.subspace_an
 are the singular values of Qu^T Qv, but arccos is useless near cos = 1 (an angle of 1e-3 degrees has
 cos = 1 - 1.5e-10, below float32 resolution). For those angles (cos^2 >= 1/2, i.e. <= 45 degrees) the
 sines are taken instead from the singular values of the residual Qv - Qu Qu^T Qv, which are small
-numbers computed to full relative precision. Unlike scipy, which pairs the cosine mask with the
-reversed sine list, each angle here takes the formula that is accurate for it.
+numbers computed to full relative precision (for K != J the residual is that of the smaller basis
+against the larger one, so it has exactly min(K, J) singular values). Unlike scipy, which pairs the
+cosine mask with the reversed sine list, each angle here takes the formula that is accurate for it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def top_subspace(
 ) -> Float[Array, "*batch K D"]:
     """Orthonormal basis [K, D] of the top-k right singular vectors of `w` (uncentred, float32).
 
-    DESIGN.md section 3 (Table 10) row-normalises decoders first so that high-norm latents do not
+    docs/conventions.md (Table 10) row-normalises decoders first so that high-norm latents do not
     dominate the subspace: pass `row_normalize=True` for that (zero rows stay zero). Leading axes batch.
 
     `method="gram"` (default) takes the top eigenvectors of W^T W [D, D]: at 16,384 x 3584 it is ~8x
@@ -63,8 +64,11 @@ def _orthonormal_columns(u: jax.Array) -> jax.Array:
 def principal_angles(u: Float[Array, "*batch K D"], v: Float[Array, "*batch J D"]) -> Float[Array, "*batch L"]:
     """Principal angles in degrees, ascending, between span(rows of u) and span(rows of v).
 
-    Returns min(K, J) angles. Inputs need not be orthonormal (they are orthonormalised with QR) but must
-    have full row rank. Computed in float32; see the module docstring for why small angles stay accurate.
+    The dims may differ (K != J, both <= D): returns L = min(K, J) angles, the values of
+    `scipy.linalg.subspace_angles(u.T, v.T)` (which takes column bases and returns radians, descending),
+    converted to degrees and sorted ascending. Inputs need not be orthonormal (they are orthonormalised
+    with QR) but must have full row rank. Computed in float32; see the module docstring for why small
+    angles stay accurate.
     Accuracy: the float32 QR moves each subspace by ~eps * cond(basis) radians (1e-5 deg for orthonormal
     inputs such as `top_subspace` output); angles of ~1e-3 deg come out to < 1% relative error.
     """
