@@ -1,15 +1,18 @@
 """lgeo_jax: the feature geometry of LoRA adapters, in JAX.
 
-Public API (DESIGN.md section 3): `load_model`, `residuals`, `load_adapter`, and the model/adapter types.
+Public API: `load_model`, `residuals`, `load_adapter`, and the model/adapter types (conventions in
+docs/conventions.md). The study's stages, config and run directories are in `lgeo_jax.stages` and
+`lgeo_jax.study`; each package below owns one concept and its own config section.
 """
 
-from lgeo_jax._residuals import check_layers, residuals
 from lgeo_jax.lora import (
     AdapterSpec,
     LoraAdapters,
+    check_layers,
     concat_adapters,
     init_adapters,
     load_adapter,
+    residuals,
     save_adapter,
 )
 from lgeo_jax.model import (

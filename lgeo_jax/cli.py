@@ -7,24 +7,12 @@ import argparse
 import logging
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
 log = logging.getLogger("lgeo")
 log.propagate = False  # our messages go to the run's log file only, never a second copy on stderr
 log.addHandler(logging.NullHandler())
-
-# command -> the stage it completes (with everything upstream of it)
-STAGE_COMMANDS = {
-    "train-adapters": ("adapters", "train the LoRA adapters (all ranks in one jitted step)"),
-    "extract": ("corpus", "extract base activations and adapter deltas into the tensorstore corpus"),
-    "train-saes": ("saes", "train the delta SAEs (and base SAEs) together"),
-    "analyze": ("analysis", "compute Tables 4-12 with null baselines"),
-    "report": ("report", "write report.md, CSV/JSON and plots"),
-    "run": ("report", "the whole study end to end (resumable)"),
-}
-
 
 def _add_config_args(p: argparse.ArgumentParser, *, out_required: bool) -> None:
     p.add_argument("config", help="study config (YAML), e.g. configs/tiny.yaml")
@@ -40,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(p, out_required=False)
     p = sub.add_parser("status", help="which stages of a run are complete, resumable or stale")
     _add_config_args(p, out_required=False)
-    for name, (_, help_text) in STAGE_COMMANDS.items():
+    for name, (_, help_text) in _stage_commands().items():
         p = sub.add_parser(name, help=help_text)
         _add_config_args(p, out_required=False)
         p.add_argument("--force", action="append", default=[], metavar="STAGE",
@@ -52,8 +40,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stage_commands() -> dict[str, tuple[str, str]]:
+    """Command -> (the stage it completes, with everything upstream; help), from the pipeline's registry."""
+    from lgeo_jax.stages import PIPELINE
+
+    commands = {s.command: (s.name, s.help) for s in PIPELINE if s.command}
+    return {**commands, "run": (PIPELINE[-1].name, "the whole study end to end (resumable)")}
+
+
 def _load(args: argparse.Namespace, *, check_paths: bool):
-    from lgeo_jax.config import load_config
+    from lgeo_jax.study import load_config
 
     overrides = list(args.set)
     if args.out:
@@ -74,42 +70,15 @@ def _setup_run_dir(root: Path) -> None:
 
 
 def _run_stages(args: argparse.Namespace, target: str) -> int:
-    from lgeo_jax.config import dump_config
-    from lgeo_jax.manifest import Run, atomic_write_text
-    from lgeo_jax.stages import STAGE_NAMES, stage_function, upstream_of
+    from lgeo_jax.stages import run_stages
 
     config = _load(args, check_paths=True)
-    unknown = [s for s in args.force if s not in STAGE_NAMES]
-    if unknown:
-        raise ValueError(f"--force {unknown[0]!r}: unknown stage; stages are {', '.join(STAGE_NAMES)}")
     root = Path(config.run_dir)
     _setup_run_dir(root)
-    run = Run(root, config)
-    for check in run.plan(force=tuple(args.force)):
-        log.info("%s", check)
-    summary = []
-    for name in upstream_of(target):
-        stage = run.begin(name, force=name in args.force)
-        if stage.is_complete:
-            print(f"[{name}] complete, skipped")
-            summary.append((name, "skipped (complete)", 0.0))
-            continue
-        print(f"[{name}] running ...", flush=True)
-        log.info("stage %s: start", name)
-        t0 = time.perf_counter()
-        try:
-            stage_function(name)(config, stage, run)
-        except BaseException:
-            stage.abort()  # a rerun that fails leaves the previous results as they were
-            raise
-        stage.finish()
-        dt = time.perf_counter() - t0
-        log.info("stage %s: done in %.1f s", name, dt)
-        summary.append((name, "done", dt))
-    atomic_write_text(root / "config.yaml", dump_config(config))  # the config these results come from
+    outcomes = run_stages(config, target, force=tuple(args.force), echo=lambda line: print(line, flush=True))
     print("\nSummary")
-    for name, what, dt in summary:
-        print(f"  {name:<9} {what:<20} {dt:8.1f} s")
+    for o in outcomes:
+        print(f"  {o.name:<9} {'done' if o.ran else 'skipped (complete)':<20} {o.seconds:8.1f} s")
     report = root / "report" / "report.md"
     if report.exists():
         print(f"\nReport: {report}")
@@ -118,17 +87,17 @@ def _run_stages(args: argparse.Namespace, target: str) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from lgeo_jax.plan import plan_text
+    from lgeo_jax.stages import plan_text
 
     print(plan_text(_load(args, check_paths=False)))
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    from lgeo_jax.manifest import Run
+    from lgeo_jax.stages import open_run
 
     config = _load(args, check_paths=False)
-    for check in Run(config.run_dir, config).plan():
+    for check in open_run(config).plan():
         print(check)
     return 0
 
@@ -150,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         if args.command == "export-sae":
             return _export_sae(args)
-        return _run_stages(args, STAGE_COMMANDS[args.command][0])
+        return _run_stages(args, _stage_commands()[args.command][0])
     except KeyboardInterrupt:
         print("lgeo: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from lgeo_jax import AdapterSpec, Gemma2Config, LoraAdapters, abstract_model, residuals
-from lgeo_jax.corpus import CorpusLayout, CorpusSource, ExtractSettings, extract_corpus, open_corpus
+from lgeo_jax.corpus import CorpusLayout, CorpusSource, ExtractConfig, extract_corpus, open_corpus
 from lgeo_jax.corpus._store import claim_store, open_corpus_arrays, store_url
 from lgeo_jax.data import TokenizedExample
 
@@ -72,7 +72,7 @@ def bench_extraction(tmp: str, n_examples: int, length: int, batch: int) -> dict
     exs = [TokenizedExample(rng.integers(3, 1024, length).astype(np.int32), np.ones(length, np.int32), i, False)
            for i in range(n_examples)]
     layers = (1, 3, 5)
-    settings = ExtractSettings(layers=layers, batch_size=batch, chunk_rows=1024)
+    settings = ExtractConfig(layers=layers, batch_size=batch, chunk_rows=1024)
     cats = {"probe": [0] * n_examples}
     # Warm-up (compiles) on a throwaway store.
     extract_corpus(model, [adapters], [s.name for s in adapters.specs], {"probe": exs[:batch]},

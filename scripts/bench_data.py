@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from lgeo_jax.data import (
     BatchConfig,
-    TokenizeConfig,
+    DataConfig,
     category_counts,
     format_prompt,
     generate_records,
@@ -78,11 +78,11 @@ def bench_real(alpaca: Path, spm: Path, lines: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(spm, Path(tmp) / "tokenizer.model")
         tokenizer = AutoTokenizer.from_pretrained(tmp)
-    config = TokenizeConfig(max_length=1024)
+    config = DataConfig(max_length=1024)
     ours_s, examples = timed(lambda: tokenize_records(records, tokenizer, config))
     ref_s, _ = timed(lambda: reference_tokenize(records, tokenizer))
     n_tokens = sum(e.length for e in examples)
-    bare = tokenize_records(records, tokenizer, TokenizeConfig(max_length=4096, add_bos=False, add_eos=False))
+    bare = tokenize_records(records, tokenizer, DataConfig(max_length=4096, add_bos=False, add_eos=False))
     stats = length_stats([e.length for e in bare])
     lines += [
         f"## Real data: {len(records)} Alpaca records, Gemma tokenizer",
@@ -128,7 +128,7 @@ def bench_real(alpaca: Path, spm: Path, lines: list[str]) -> None:
 def bench_synthetic(lines: list[str]) -> None:
     gen_s, records = timed(lambda: generate_records(11_200, seed=0))
     tok_s, tokenizer = timed(lambda: build_bpe_tokenizer(record_texts(records), vocab_size=1024), repeats=1)
-    examples = tokenize_records(records, tokenizer, TokenizeConfig())
+    examples = tokenize_records(records, tokenizer, DataConfig())
     stats = length_stats([e.length for e in examples])
     lines += [
         "## Synthetic default (11,200 records, byte-level BPE, vocab 1,024)",

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from lgeo_jax.sae import SAEConfig, TrainConfig, estimate_sae_memory
+from lgeo_jax.sae import SAEConfig, SAETrainConfig, estimate_sae_memory
 from lgeo_jax.sae._models import init_params
 from lgeo_jax.sae._step import SAEState, make_optimizer
 from lgeo_jax.sae._train import _multi_step
@@ -55,7 +55,7 @@ def jax_states(n: int, cfg: SAEConfig, optimizer, seed0: int) -> SAEState:
 def time_jax(x: np.ndarray, cfg: SAEConfig, steps: int, group: int) -> float:
     """Seconds per step for all SAEs, stepping ``group`` SAEs per jitted call (group = n: vmapped; 1: a loop)."""
     n = x.shape[0]
-    tc = TrainConfig(steps=steps + 1)
+    tc = SAETrainConfig(steps=steps + 1)
     opt = make_optimizer(tc, steps + 1)
     step = jax.jit(functools.partial(_multi_step, sae_cfg=cfg, train_cfg=tc, optimizer=opt), donate_argnums=0)
     states = [jax_states(group, cfg, opt, i) for i in range(0, n, group)]

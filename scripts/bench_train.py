@@ -26,10 +26,9 @@ from benchlib import mid_size_hf_config, write_markdown
 from flax import nnx
 
 import lgeo_jax
-from lgeo_jax.config import TrainConfig
 from lgeo_jax.data import TokenizedExample
 from lgeo_jax.lora import AdapterSpec, init_adapters
-from lgeo_jax.train import train_lora, train_sequential
+from lgeo_jax.train import TrainConfig, train_lora, train_sequential
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

@@ -5,7 +5,7 @@ import functools
 import jax
 import numpy as np
 
-from lgeo_jax.sae import ArraySource, TrainConfig, train_saes
+from lgeo_jax.sae import ArraySource, SAETrainConfig, train_saes
 from lgeo_jax.sharding import make_mesh
 
 D, M = 32, 48  # input width, ground-truth dictionary size
@@ -27,10 +27,10 @@ def one_device():
     return make_mesh(devices=jax.devices()[:1])
 
 
-def small_cfg(**kw) -> TrainConfig:
+def small_cfg(**kw) -> SAETrainConfig:
     base = dict(batch_size=64, steps=6, lr=3e-3, lr_warmup_steps=2, l1_warmup_steps=3, scale_batches=2,
                 log_every=2, eval_every=3, checkpoint_every=3, eval_rows=128)
-    return TrainConfig(**{**base, **kw})
+    return SAETrainConfig(**{**base, **kw})
 
 
 def streams(n_sae: int, rows: int = 1024, d: int = 24) -> ArraySource:

@@ -6,7 +6,7 @@ import pytest
 import scipy.linalg
 
 from lgeo_jax.analysis import (
-    AnalysisSettings,
+    AnalysisConfig,
     DeviceSAE,
     ErrorSums,
     LayerSAEs,
@@ -157,7 +157,7 @@ def _relu(seed: int, d: int, f: int, scale: float) -> SAE:
 def _np_forward(sae: SAE, x: np.ndarray):
     p = {k: v.astype(np.float64) for k, v in sae.params.items()}
     x = x.astype(np.float64) / sae.scale
-    if sae.cfg.arch.value == "jumprelu":
+    if sae.cfg.architecture.value == "jumprelu":
         pre = x @ p["W_enc"] + p["b_enc"]
         f = np.where(pre > p["threshold"], np.maximum(pre, 0), 0.0)
     else:
@@ -204,7 +204,7 @@ def test_adapter_pass_against_float64_numpy():
 
 
 def test_random_direction_nulls_match_the_exact_expectation():
-    nulls = NullCache(AnalysisSettings(null_samples=3, null_seed=4))
+    nulls = NullCache(AnalysisConfig(null_samples=3, null_seed=4))
     draw, summary = nulls.max_cosine(4000, 4000, 300, 32)
     exact = expected_max_cosine(300, 32)
     se = draw["max_cos"].std() / np.sqrt(draw["max_cos"].size)
@@ -235,9 +235,10 @@ def test_table4_and_table12_parsing():
         table4(stats, ["r4"], [6])
     with pytest.raises(ValueError, match="no 'splits'"):
         table4({}, ["r4"], [5])
-    sweep = {"adapter": "r4", "layer": 5, "selected_l1": 0.15,
+    sweep = {"adapter": "r4", "layer": 5, "selected_l1": 0.15, "normalize": "rms",
              "points": [{"l1_coeff": 0.15, "l0": 31.4, "fvu": 0.1}, {"l1_coeff": 0.08, "l0": 42.9, "fvu": 0.05}]}
     rows = table12(sweep)["rows"]
+    assert table12(sweep)["arm"] == "post_norm" and table12({**sweep, "normalize": "none"})["arm"] == "pre_norm"
     assert [r["l1"] for r in rows] == [0.08, 0.15] and [r["selected"] for r in rows] == [False, True]
     with pytest.raises(ValueError, match="not an L1 sweep record"):
         table12({"points": [{"l0": 3}]})

@@ -22,19 +22,18 @@ def test_plan_paper_reports_table2_counts(capsys):
 
 def test_plan_builtin_counts_match_the_model(capsys):
     import lgeo_jax
-    from lgeo_jax.config import load_config
-    from lgeo_jax.stages._inputs import builtin_model_config
+    from lgeo_jax.study import load_config
 
     assert main(["plan", "configs/tiny.yaml"]) == 0
     out = capsys.readouterr().out
-    model = lgeo_jax.init_model(builtin_model_config(load_config("configs/tiny.yaml"), 1024))
+    model = lgeo_jax.init_model(load_config("configs/tiny.yaml").model.builtin.with_vocab(1024))
     assert f"parameters: {lgeo_jax.count_params(model):,}" in out
 
 
 @pytest.mark.parametrize("argv, message", [
     (["plan", "configs/does_not_exist.yaml"], "cannot read the config file"),
     (["plan", "configs/tiny.yaml", "--set", "lora.ranks=[0, 4]"], "lora.ranks"),
-    (["run", "configs/tiny.yaml", "--out", "{tmp}", "--force", "nonsense"], "--force 'nonsense': unknown stage"),
+    (["run", "configs/tiny.yaml", "--out", "{tmp}", "--force", "nonsense"], "unknown stage 'nonsense'"),
     (["plan", "configs/micro.yaml", "--set", "sae.l1_sweep=[]"], "null means 'pick from sae.l1_sweep"),
 ])
 def test_bad_input_one_message_no_traceback(tmp_path, argv, message):

@@ -7,20 +7,16 @@ import pathlib
 import pytest
 import yaml
 
-from lgeo_jax.config import (
-    GEMMA_SCOPE_9B_L0,
-    ConfigError,
-    DType,
-    SaeArchitecture,
-    SaeConfig,
+from lgeo_jax.analysis import GEMMA_SCOPE_9B_L0
+from lgeo_jax.config import ConfigError, DType, section_hash, to_plain
+from lgeo_jax.sae import Arch, SAETrainConfig
+from lgeo_jax.study import (
     StudyConfig,
     config_from_dict,
     config_from_yaml,
     dump_config,
     load_config,
-    section_hash,
     section_hashes,
-    to_dict,
 )
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -79,7 +75,7 @@ def test_shipped_configs_exist():
 def test_shipped_config_loads_and_round_trips(path):
     config = load_config(path)
     again = config_from_yaml(dump_config(config))
-    assert again == config and config_from_dict(to_dict(config)) == config
+    assert again == config and config_from_dict(to_plain(config)) == config
     assert section_hashes(again) == section_hashes(config)
 
 
@@ -88,21 +84,21 @@ def test_paper_config_matches_paper():
     assert (c.model.n_layers, c.model.d_model) == (42, 3584)
     assert c.lora.ranks == (4, 8, 16, 32)
     assert [c.lora.alpha(r) for r in c.lora.ranks] == [8, 16, 32, 64]
-    assert {c.lora.scaling(r) for r in c.lora.ranks} == {2.0}
+    assert {spec.module_scaling(0, "q") for spec in c.lora.adapter_specs()} == {2.0}
     assert c.lora.targets == ("q_proj", "k_proj", "v_proj", "o_proj") and c.lora.dropout == 0.05
     assert (c.train.batch_size, c.train.effective_batch_size, c.train.epochs, c.train.seed) == (2, 8, 3, 42)
     assert c.train.compute_dtype is DType.BFLOAT16
     assert (c.data.train, c.data.probe, c.data.heldout) == ((0, 10_000), (5_000, 7_000), (11_000, 11_200))
     assert c.extract.layers == (5, 10, 18, 22, 32, 38)
     assert (c.sae.architecture, c.sae.width, c.sae.l1, c.sae.batch_size, c.sae.epochs) == (
-        SaeArchitecture.RELU,
+        Arch.RELU,
         16_384,
         0.15,
         512,
         10,
     )
     assert dict(c.analysis.gemma_scope_l0) == {5: 77, 10: 113, 18: 71, 22: 123, 32: 111, 38: 128}
-    assert c.analysis.gemma_scope_params(18) == "layer_18/width_16k/average_l0_71/params.npz"
+    assert str(c.analysis.gemma_scope_params(18)) == "layer_18/width_16k/average_l0_71/params.npz"
     assert (c.analysis.subspace_k, c.analysis.near_orthogonal_deg, c.analysis.aligned_deg) == (256, 70, 30)
 
 
@@ -122,13 +118,16 @@ def test_micro_and_tiny_use_the_builtin_model_offline():
         assert max(c.extract.layers) < c.model.builtin.n_layers
 
 
-def test_builtin_block_builds_the_model_config():
-    from lgeo_jax.model import Gemma2Config
+def test_builtin_block_is_the_model_config():
+    from lgeo_jax.model import AttentionType, Gemma2Config
 
     c = load_config(CONFIGS[0].parent / "tiny.yaml")
     b = c.model.builtin
-    g = Gemma2Config(**b.gemma2_kwargs(vocab_size=512), layer_types=("sliding_attention", "full_attention") * 3)
+    assert isinstance(b, Gemma2Config) and b.vocab_size is None  # the tokenizer's, filled in by the base stage
+    g = b.with_vocab(512)
     assert (g.vocab_size, g.d_model, g.n_layers, g.query_pre_attn_scalar) == (512, b.d_model, 6, float(b.head_dim))
+    assert g.layer_types == (AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL) * 3  # Gemma-2's alternation
+    assert b.with_vocab(512).with_vocab(7).vocab_size == 512  # an explicit vocabulary is kept
 
 
 # ---- bad configs ----------------------------------------------------------------------------------
@@ -144,9 +143,15 @@ BAD = [
     (
         "sae.architecture",
         "rleu",
-        "sae.architecture: expected one of 'relu', 'topk', 'jumprelu', got 'rleu' (did you mean 'relu'?)",
+        "sae.architecture: expected one of 'relu', 'jumprelu', 'topk', got 'rleu' (did you mean 'relu'?)",
     ),
-    ("sae.architecture", "topk", "sae.k: required when sae.architecture is 'topk'"),
+    ("sae.architecture", "topk", "sae.k: required when architecture is 'topk'"),
+    ("sae.architecture", "jumprelu", "sae.architecture: JumpReLU SAEs are loaded and run (Gemma Scope), not trained"),
+    ("sae.lr_schedule", "warmup", "sae.lr_schedule: expected one of 'constant', 'linear', 'cosine'"),
+    ("sae.normalize", "layernorm", "sae.normalize: expected one of 'rms', 'none'"),
+    ("sae.epochs", None, "set exactly one of sae.epochs, sae.token_budget and sae.steps (got none"),
+    ("sae.l1", None, "sae.l1: null means 'pick from sae.l1_sweep by sae.l0_target', but sae.l1_sweep is empty"),
+    ("analysis.gemma_scope_width", "../../x", "analysis.gemma_scope_width: expected a Gemma Scope width folder"),
     ("sae.batch_size", 1.5, "sae.batch_size: expected an integer, got 1.5"),
     ("sae.base_saes", "yes", "sae.base_saes: expected true or false, got 'yes'"),
     ("train.epochs", True, "train.epochs: expected an integer, got true"),
@@ -168,7 +173,7 @@ BAD = [
     ("analysis.subspace_k", 64, "analysis.subspace_k: 64 exceeds min(d_model, SAE width) = 32"),
     ("analysis.gemma_scope_dir", "/gs", "analysis.gemma_scope_l0: no Gemma Scope L0 for layer(s) [1, 2]"),
     ("analysis.gemma_scope_l0", {"five": 77}, "analysis.gemma_scope_l0.five: expected an integer, got 'five'"),
-    ("sae", [1, 2], "sae: expected a mapping of SaeConfig keys, got [1, 2]"),
+    ("sae", [1, 2], "sae: expected a mapping of SAETrainConfig keys, got [1, 2]"),
     ("typo_section", {}, "typo_section: unknown key (known keys: run_dir, model, data"),
 ]
 
@@ -243,12 +248,37 @@ def test_missing_file(tmp_path):
 def test_python_construction_validates_too():
     with pytest.raises(
         ConfigError,
-        match=r"SaeConfig: 2 problems: l1: expected a number > 0, got -1; "
+        match=r"SAETrainConfig: 2 problems: l1: expected a number > 0, got -1; "
         r"seeds: expected a non-empty list",
     ):
-        SaeConfig(l1=-1, seeds=[])
-    sae = SaeConfig(architecture="topk", k=32, seeds=[1, 2])
-    assert sae.architecture is SaeArchitecture.TOPK and sae.seeds == (1, 2)
+        SAETrainConfig(l1=-1, seeds=[])
+    sae = SAETrainConfig(architecture="topk", k=32, seeds=[1, 2])
+    assert sae.architecture is Arch.TOPK and sae.seeds == (1, 2)
+
+
+def test_topk_needs_no_l1_and_refuses_one():
+    topk = config_from_dict(_base(), ["sae.architecture=topk", "sae.k=8"])
+    assert topk.sae.l1 is None and SAETrainConfig().l1 == 0.15  # the paper's ReLU coefficient is ReLU's default
+    error = _error(_set(_set(_set(_base(), "sae.architecture", "topk"), "sae.k", 8), "sae.l1", 0.1))
+    assert "sae.l1: not used by architecture 'topk' (k sets the sparsity); remove it" in str(error)
+    assert config_from_yaml(dump_config(topk)) == topk  # the derived default round-trips
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_every_sae_lr_schedule_validates(schedule):
+    assert config_from_dict(_base(), [f"sae.lr_schedule={schedule}"]).sae.lr_schedule.value == schedule
+
+
+def test_yaml_aliases_are_refused_quickly():
+    import time
+
+    levels = zip("abcdefgh", "bcdefghi", strict=True)
+    nine = lambda p: ", ".join([f"*{p}"] * 9)
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(f"{c}: &{c} [{nine(p)}]\n" for p, c in levels)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"YAML alias '\*a' found; lgeo configs do not use anchors or aliases"):
+        config_from_yaml(laughs, source="laughs.yaml")
+    assert time.perf_counter() - t0 < 1.0
 
 
 def test_yaml_11_exponent_strings_are_numbers():
@@ -297,7 +327,7 @@ def test_hash_ignores_key_order_and_spelled_out_defaults():
 
 def test_hash_sees_values_after_type_conversion():
     a, b = config_from_dict(_base(), ["sae.l1=1"]), config_from_dict(_base(), ["sae.l1=1.0"])
-    assert section_hash(a, "sae") == section_hash(b, "sae") != section_hash(config_from_dict(_base()), "sae")
+    assert section_hashes(a)["sae"] == section_hashes(b)["sae"] != section_hashes(config_from_dict(_base()))["sae"]
 
 
 def test_hash_changes_only_in_the_changed_section():
@@ -322,9 +352,10 @@ def test_hash_is_canonical_json_sha256():
     c = config_from_dict(_base())
     values = json.loads(json.dumps(dataclasses.asdict(c.report), default=lambda e: e.value))
     text = json.dumps({"section": "report", "values": values}, sort_keys=True, separators=(",", ":"))
-    assert section_hash(c, "report") == hashlib.sha256(text.encode()).hexdigest()[:16]
-    with pytest.raises(ValueError, match="unknown section 'reprot'"):
-        section_hash(c, "reprot")
+    assert section_hash("report", c.report) == hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert section_hashes(c)["report"] == section_hash("report", c.report)
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['reprot'\]"):
+        section_hashes(c, ("reprot",))
 
 
 def test_configs_are_immutable():

@@ -9,8 +9,7 @@ from flax import nnx
 from lgeo_jax import AdapterSpec, Gemma2Config, LoraAdapters, abstract_model, residuals
 from lgeo_jax.corpus import (
     Corpus,
-    ExtractSettings,
-    TokenSelection,
+    ExtractConfig,
     extract_corpus,
     open_corpus,
     summarize,
@@ -103,7 +102,7 @@ def built():
 
 def _extract(built, store, **kw):
     model, adapters, splits, cats, _ = built
-    settings = ExtractSettings(layers=LAYERS, batch_size=3, chunk_rows=7, **kw)
+    settings = ExtractConfig(layers=LAYERS, batch_size=3, chunk_rows=7, **kw)
     log = MemoryLog()
     layout, stats = extract_corpus(model, [adapters], NAMES, splits, cats, store, settings, log)
     return layout, stats, log
@@ -182,7 +181,7 @@ def test_random_access_rows(built):
 
 def test_bos_kept_when_asked(built):
     _, _, splits, _, refs = built
-    _extract(built, "memory://bos/", selection=TokenSelection(exclude_bos=False))
+    _extract(built, "memory://bos/", exclude_bos=False)
     corpus = open_corpus("memory://bos/")
     meta = corpus.meta("heldout")
     assert corpus.n_rows("heldout") == sum(e.length for e in splits["heldout"])
@@ -195,10 +194,10 @@ def test_bos_kept_when_asked(built):
 
 def test_subsample_one_selection_for_all_arrays(built):
     _, _, splits, _, refs = built
-    sel = TokenSelection(token_budget=20, seed=7)
-    _extract(built, "memory://sub-a/", selection=sel, store_dtype="float32")
-    _extract(built, "memory://sub-b/", selection=sel, store_dtype="float32")
-    _extract(built, "memory://sub-c/", selection=TokenSelection(token_budget=20, seed=8), store_dtype="float32")
+    sel = {"token_budget": 20, "subsample_seed": 7}
+    _extract(built, "memory://sub-a/", **sel, store_dtype="float32")
+    _extract(built, "memory://sub-b/", **sel, store_dtype="float32")
+    _extract(built, "memory://sub-c/", token_budget=20, subsample_seed=8, store_dtype="float32")
     a, b, c = (open_corpus(f"memory://sub-{k}/") for k in "abc")
     assert a.n_rows("probe") == 20
     assert a.n_rows("heldout") == min(20, sum(e.length - 1 for e in splits["heldout"]))
@@ -221,7 +220,7 @@ def test_zero_delta_chunks_are_stored_not_missing(built):
     model, _, splits, cats, _ = built
     cfg = model.config
     zero = random_adapters(cfg, [AdapterSpec(rank=2, alpha=4.0, name="z")], seed=1, zero_b=True)  # delta == 0
-    settings = ExtractSettings(layers=LAYERS, batch_size=3, chunk_rows=5)
+    settings = ExtractConfig(layers=LAYERS, batch_size=3, chunk_rows=5)
     extract_corpus(model, [zero], ["z"], {"probe": splits["probe"]}, {"probe": cats["probe"]},
                    "memory://zero/", settings, MemoryLog())
     corpus = open_corpus("memory://zero/")

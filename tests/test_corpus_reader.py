@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_corpus import NAMES, MemoryLog, examples, tiny
 
-from lgeo_jax.corpus import CorpusLayout, CorpusSource, ExtractSettings, extract_corpus, open_corpus
+from lgeo_jax.corpus import CorpusLayout, CorpusSource, ExtractConfig, extract_corpus, open_corpus
 from lgeo_jax.corpus._store import claim_store, open_array, open_corpus_arrays, store_url
 from lgeo_jax.sae import ArraySource
 
@@ -156,16 +156,16 @@ def small():
 def test_store_from_another_config_is_refused_untouched(tmp_path, small):
     model, adapters, exs, cats = small
     store = str(tmp_path / "store")
-    extract_corpus(model, [adapters], NAMES, exs, cats, store, ExtractSettings(layers=(0, 2), batch_size=2,
+    extract_corpus(model, [adapters], NAMES, exs, cats, store, ExtractConfig(layers=(0, 2), batch_size=2,
                    chunk_rows=8), MemoryLog())
     before = _snapshot(store)
-    for settings in (ExtractSettings(layers=(1,), batch_size=2, chunk_rows=8),
-                     ExtractSettings(layers=(0, 2), batch_size=3, chunk_rows=8),
-                     ExtractSettings(layers=(0, 2), batch_size=2, chunk_rows=8, store_dtype="float32")):
+    for settings in (ExtractConfig(layers=(1,), batch_size=2, chunk_rows=8),
+                     ExtractConfig(layers=(0, 2), batch_size=3, chunk_rows=8),
+                     ExtractConfig(layers=(0, 2), batch_size=2, chunk_rows=8, store_dtype="float32")):
         with pytest.raises(ValueError, match="another config or inputs"):
             extract_corpus(model, [adapters], NAMES, exs, cats, store, settings, MemoryLog())
     with pytest.raises(ValueError, match="another config or inputs"):  # same settings, other weights
-        extract_corpus(model, [adapters], NAMES, exs, cats, store, ExtractSettings(layers=(0, 2), batch_size=2,
+        extract_corpus(model, [adapters], NAMES, exs, cats, store, ExtractConfig(layers=(0, 2), batch_size=2,
                        chunk_rows=8), MemoryLog(), inputs_hash="other-checkpoint")
     assert _snapshot(store) == before
 
@@ -173,7 +173,7 @@ def test_store_from_another_config_is_refused_untouched(tmp_path, small):
 def test_wrong_dtype_or_shape_on_resume_is_refused_untouched(tmp_path, small):
     model, adapters, exs, cats = small
     store = str(tmp_path / "store")
-    settings = ExtractSettings(layers=(0, 2), batch_size=2, chunk_rows=8)
+    settings = ExtractConfig(layers=(0, 2), batch_size=2, chunk_rows=8)
     log = MemoryLog()
     layout, _ = extract_corpus(model, [adapters], NAMES, exs, cats, store, settings, log)
     # Replace one array by one of another dtype (as a foreign writer would), then resume.
@@ -191,19 +191,19 @@ def test_wrong_dtype_or_shape_on_resume_is_refused_untouched(tmp_path, small):
     # A manifest recording another corpus is refused too.
     with pytest.raises(ValueError, match="other settings, data or checkpoints"):
         extract_corpus(model, [adapters], NAMES, exs, cats, store,
-                       ExtractSettings(layers=(0, 2), batch_size=3, chunk_rows=8), log)
+                       ExtractConfig(layers=(0, 2), batch_size=3, chunk_rows=8), log)
     assert _snapshot(store) == before
     assert os.path.exists(tmp_path / "store" / "corpus.json")
 
 
 def test_sae_trainer_runs_on_corpus_source(tmp_path):
-    from lgeo_jax.sae import SAEConfig, TrainConfig, train_saes
+    from lgeo_jax.sae import SAEConfig, SAETrainConfig, train_saes
 
     synthetic_corpus("memory://trainer/", 512, chunk_rows=32)
     corpus = open_corpus("memory://trainer/")
     with CorpusSource(corpus, "probe", [("r4", 3), ("base", 7)], held_out_split="heldout", buffer_rows=128) as source:
         result = train_saes(source, SAEConfig(d_in=D, d_sae=16),
-                            TrainConfig(batch_size=32, steps=6, scale_batches=2, eval_rows=16, log_every=2,
+                            SAETrainConfig(batch_size=32, steps=6, scale_batches=2, eval_rows=16, log_every=2,
                                         eval_every=3, checkpoint_every=100),
                             l1_coeffs=[0.1, 0.1], seeds=[0, 1], out_dir=tmp_path / "saes", progress=False, plot=False)
     assert len(result.saes) == 2 and len(result.final_metrics) == 2

@@ -13,36 +13,30 @@ import numpy as np
 import pytest
 from test_corpus import random_adapters, random_model
 
-from lgeo_jax import AdapterSpec, Gemma2Config, save_adapter, save_model
-from lgeo_jax.config import (
-    AnalysisConfig,
-    BuiltinModelConfig,
-    DataConfig,
-    ExtractConfig,
-    LoraConfig,
-    ModelConfig,
-    StudyConfig,
-    dump_config,
-)
-from lgeo_jax.corpus import BASE_NAME, STATS_FILE, load_stats, open_corpus
-from lgeo_jax.data import Category, categorize
-from lgeo_jax.manifest import Run, StageState
-from lgeo_jax.stages._corpus import corpus_size_bytes, corpus_store, run_corpus
-from lgeo_jax.stages._data import run_data
-from lgeo_jax.stages._inputs import (
+from lgeo_jax import save_adapter, save_model
+from lgeo_jax.analysis import AnalysisConfig
+from lgeo_jax.corpus import BASE_NAME, STATS_FILE, ExtractConfig, load_stats, open_corpus
+from lgeo_jax.data import Category, DataConfig, categorize
+from lgeo_jax.lora import LoraConfig
+from lgeo_jax.model import BuiltinModelConfig, ModelConfig
+from lgeo_jax.stages import (
+    PIPELINE,
+    StageState,
     adapter_dirs,
     base_checkpoint,
+    corpus_size_bytes,
+    corpus_store,
     load_records,
     load_tokenizer,
-    split_config,
-    tokenize_config,
+    open_run,
+    run_stages,
 )
+from lgeo_jax.study import StudyConfig, dump_config
 
 CHILD = """
 import sys, time
-from lgeo_jax.config import load_config
-from lgeo_jax.manifest import Run, StageRun
-from lgeo_jax.stages._corpus import run_corpus
+from lgeo_jax.stages import StageRun, run_stages
+from lgeo_jax.study import load_config
 
 # Slow every manifest commit so the parent's kill lands mid-run (the parent kills on manifest progress).
 _update = StageRun.update
@@ -51,11 +45,7 @@ def slow_update(self, **entries):
     time.sleep(0.4)
 StageRun.update = slow_update
 
-config = load_config(sys.argv[1])
-run = Run(config.run_dir, config)
-stage = run.begin("corpus")
-run_corpus(config, stage, run)
-stage.finish()
+run_stages(load_config(sys.argv[1]), "corpus", echo=lambda line: None)
 """
 
 
@@ -71,31 +61,32 @@ def study(root) -> StudyConfig:
     )
 
 
-def prepare(root) -> StudyConfig:
-    """Data, base and adapters stages written by hand (random weights; B random so deltas are non-zero)."""
-    config = study(root)
-    run = Run(root, config)
-    stage = run.begin("data")
-    run_data(config, stage, run)
-    stage.finish()
-    stage = run.begin("base")
-    tokenizer = load_tokenizer(run, config)
-    kwargs = config.model.builtin.gemma2_kwargs(len(tokenizer))
-    cfg = Gemma2Config(**kwargs, layer_types=("sliding_attention", "full_attention", "sliding_attention"))
+def _random_base(config, stage, run):
+    cfg = config.model.builtin.with_vocab(len(load_tokenizer(run, config)))
     save_model(random_model(cfg, seed=1), base_checkpoint(run, config))
-    stage.finish()
-    stage = run.begin("adapters")
-    specs = [AdapterSpec(rank=r, alpha=config.lora.alpha(r), targets=config.lora.targets, name=f"r{r}")
-             for r in config.lora.ranks]
-    adapters = random_adapters(cfg, specs, seed=2)
+
+
+def _random_adapters(config, stage, run):
+    cfg = config.model.builtin.with_vocab(len(load_tokenizer(run, config)))
+    adapters = random_adapters(cfg, config.lora.adapter_specs(), seed=2)
     for i, directory in enumerate(adapter_dirs(run, config)):
         save_adapter(adapters, directory, index=i)
-    stage.finish()
+
+
+# The study's pipeline with random weights for the base and the adapters (B random, so deltas are non-zero).
+_RANDOM = {"base": _random_base, "adapters": _random_adapters}
+RANDOM_WEIGHTS = tuple(dataclasses.replace(s, run=_RANDOM.get(s.name, s.run)) for s in PIPELINE)
+
+
+def prepare(root) -> StudyConfig:
+    """Data, base and adapters stages complete, through the one pipeline loop."""
+    config = study(root)
+    run_stages(config, "adapters", pipeline=RANDOM_WEIGHTS, echo=lambda line: None)
     return config
 
 
 def store_arrays(config):
-    corpus = open_corpus(corpus_store(config, Run(config.run_dir, config)))
+    corpus = open_corpus(corpus_store(config, open_run(config)))
     out = {}
     for split in corpus.splits:
         out[(split, "meta")] = corpus.meta(split)
@@ -116,10 +107,8 @@ def committed(root) -> int:
 def test_kill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     # Uninterrupted reference run, in this process.
     ref_cfg = prepare(tmp_path / "ref")
-    ref_run = Run(ref_cfg.run_dir, ref_cfg)
-    stage = ref_run.begin("corpus")
-    run_corpus(ref_cfg, stage, ref_run)
-    stage.finish()
+    ref_run = open_run(ref_cfg)
+    run_stages(ref_cfg, "corpus", echo=lambda line: None)
     corpus, ref = store_arrays(ref_cfg)
     total = sum(-(-(b - a) // 2) for a, b in (ref_cfg.data.probe, ref_cfg.data.heldout))
 
@@ -143,22 +132,19 @@ def test_kill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     done = committed(cfg.run_dir)
     assert 2 <= done < total
 
-    run = Run(cfg.run_dir, cfg)
+    run = open_run(cfg)
     assert run.check("corpus").state is StageState.RESUMABLE
     # A changed checkpoint under the same manifest is refused, nothing written...
     weights = adapter_dirs(run, cfg)[1] / "adapter_model.safetensors"
     original = weights.read_bytes()
     weights.write_bytes(original[:-4] + bytes(4))
     with pytest.raises(ValueError, match="other settings, data or checkpoints"):
-        run_corpus(cfg, run.begin("corpus"), run)
-    assert committed(cfg.run_dir) == done
+        run_stages(cfg, "corpus", echo=lambda line: None)
+    assert committed(cfg.run_dir) == done and run.check("corpus").state is StageState.RESUMABLE
     # ...and with the checkpoint restored the run resumes where it stopped.
     weights.write_bytes(original)
-    stage = run.begin("corpus")
-    assert stage.progress["corpus"]["committed"] == json.loads(
-        (pathlib.Path(cfg.run_dir) / "corpus" / "manifest.json").read_text())["progress"]["corpus"]["committed"]
-    run_corpus(cfg, stage, run)
-    stage.finish()
+    outcomes = run_stages(cfg, "corpus", echo=lambda line: None)
+    assert [o.name for o in outcomes if o.ran] == ["corpus"]
 
     _, got = store_arrays(cfg)
     assert got.keys() == ref.keys()
@@ -178,7 +164,7 @@ def test_kill_mid_run_then_resume_equals_uninterrupted(tmp_path):
         meta = got[(split, "meta")]
         pairs = list(zip(meta["sample_index"].tolist(), meta["position"].tolist(), strict=True))
         assert len(pairs) == len(set(pairs))
-        exs = tokenize_split(records, tokenizer, split_config(ref_cfg), split, tokenize_config(ref_cfg))
+        exs = tokenize_split(records, tokenizer, ref_cfg.data, split)
         assert sorted(pairs) == sorted((e.index, p) for e in exs for p in range(1, e.length))
         ids = {e.index: e.input_ids for e in exs}
         assert all(t == ids[s][p] for s, p, t in zip(meta["sample_index"], meta["position"], meta["token_id"],

@@ -13,10 +13,9 @@ from lgeo_jax.data import (
     PROMPT_NO_INPUT,
     AlpacaRecord,
     Category,
+    DataConfig,
     LossOn,
     Overflow,
-    SplitConfig,
-    TokenizeConfig,
     categorize,
     category_counts,
     file_sha256,
@@ -137,18 +136,18 @@ def test_missing_input_field_reads_as_empty(tmp_path):
 
 
 def test_default_splits_are_the_papers():
-    config = SplitConfig()
+    config = DataConfig()
     assert config.indices("train") == range(10_000)
     assert config.indices("probe") == range(5_000, 7_000)
     assert config.indices("heldout") == range(11_000, 11_200)
     assert config.probe_overlaps_train
     assert config.required_records == 11_200
-    assert not SplitConfig(probe=(10_000, 11_000)).probe_overlaps_train
+    assert not DataConfig(probe=(10_000, 11_000)).probe_overlaps_train
 
 
 def test_select_split_and_errors():
     records = list(range(30))
-    config = SplitConfig(train=(0, 10), probe=(5, 15), heldout=(20, 30))
+    config = DataConfig(train=(0, 10), probe=(5, 15), heldout=(20, 30))
     assert select_split(records, config, "probe") == list(range(5, 15))
     with pytest.raises(ValueError, match="split 'heldout' needs indices 20..29 but the dataset has only 25"):
         select_split(records[:25], config, "heldout")
@@ -157,15 +156,15 @@ def test_select_split_and_errors():
     with pytest.raises(ValueError, match="unknown split"):
         config.indices("validation")
     with pytest.raises(ValueError, match="heldout.*overlaps train"):
-        SplitConfig(train=(0, 10), heldout=(9, 12))
-    with pytest.raises(ValueError, match="SplitConfig.probe"):
-        SplitConfig(probe=(7, 7))
-    assert SplitConfig(train=[0, 10], probe=[5, 15], heldout=[20, 30]) == config  # lists from YAML
+        DataConfig(train=(0, 10), heldout=(9, 12))
+    with pytest.raises(ValueError, match="probe: expected"):
+        DataConfig(probe=(7, 7))
+    assert DataConfig(train=[0, 10], probe=[5, 15], heldout=[20, 30]) == config  # lists from YAML
 
 
 def test_tokenize_split_keeps_dataset_indices(tokenizer):
     records = generate_records(40, seed=9)
-    splits = SplitConfig(train=(0, 20), probe=(25, 31), heldout=(31, 40))
+    splits = DataConfig(train=(0, 20), probe=(25, 31), heldout=(31, 40))
     probe = tokenize_split(records, tokenizer, splits, "probe")
     assert [e.index for e in probe] == list(range(25, 31))
     for example, record in zip(probe, records[25:31], strict=True):
@@ -179,7 +178,7 @@ def test_tokenize_split_keeps_dataset_indices(tokenizer):
 
 
 def test_response_only_loss_mask_covers_exactly_output_and_eos(tokenizer):
-    (example,) = tokenize_records([WITH_INPUT], tokenizer, TokenizeConfig(), indices=[42])
+    (example,) = tokenize_records([WITH_INPUT], tokenizer, DataConfig(), indices=[42])
     ids, mask = example.input_ids, example.loss_mask
     assert ids.dtype == np.int32 and mask.dtype == np.int32 and example.index == 42
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
@@ -190,7 +189,7 @@ def test_response_only_loss_mask_covers_exactly_output_and_eos(tokenizer):
 
 
 def test_whole_sequence_loss_and_no_specials(tokenizer):
-    config = TokenizeConfig(loss_on="all", add_bos=False, add_eos=False)
+    config = DataConfig(loss_on="all", add_bos=False, add_eos=False)
     (example,) = tokenize_records([NO_INPUT], tokenizer, config)
     assert config.loss_on is LossOn.ALL
     assert tokenizer.decode(example.input_ids) == format_prompt(NO_INPUT) + NO_INPUT.output
@@ -198,16 +197,16 @@ def test_whole_sequence_loss_and_no_specials(tokenizer):
 
 
 def test_overflow_truncates_or_names_the_record(tokenizer):
-    (full,) = tokenize_records([WITH_INPUT], tokenizer)
-    short = TokenizeConfig(max_length=full.length - 3)
+    (full,) = tokenize_records([WITH_INPUT], tokenizer, DataConfig())
+    short = DataConfig(max_length=full.length - 3)
     (cut,) = tokenize_records([WITH_INPUT], tokenizer, short)
     assert cut.truncated and not full.truncated
     np.testing.assert_array_equal(cut.input_ids, full.input_ids[: full.length - 3])
     np.testing.assert_array_equal(cut.loss_mask, full.loss_mask[: full.length - 3])
     with pytest.raises(ValueError, match=f"record 7: {full.length} tokens"):
-        tokenize_records([WITH_INPUT], tokenizer, TokenizeConfig(max_length=10, overflow=Overflow.ERROR), [7])
+        tokenize_records([WITH_INPUT], tokenizer, DataConfig(max_length=10, overflow=Overflow.ERROR), [7])
     with pytest.raises(ValueError, match="no records"):
-        tokenize_records([], tokenizer)
+        tokenize_records([], tokenizer, DataConfig())
 
 
 # --- categories --------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from lgeo_jax.data import (
     BatchConfig,
     Category,
-    TokenizeConfig,
+    DataConfig,
     category_counts,
     iterate_batches,
     length_stats,
@@ -51,7 +51,7 @@ def test_token_statistics_match_the_readme(gemma, records):
     to sampling error. Its longest record is shorter than the full file's 1,134.
     """
     assert len(records) == 5000
-    bare = TokenizeConfig(max_length=4096, add_bos=False, add_eos=False)
+    bare = DataConfig(max_length=4096, add_bos=False, add_eos=False)
     examples = tokenize_records(records, gemma, bare)
     stats = length_stats([e.length for e in examples])
     assert abs(stats.mean - 106.9) < 1.0  # std 55 tokens: the subset mean has standard error 0.8
@@ -59,7 +59,7 @@ def test_token_statistics_match_the_readme(gemma, records):
     assert abs(stats.p99 - 311) <= 5
     assert stats.max <= 1134
     # The training layout adds exactly BOS and EOS and masks prompt tokens.
-    full = tokenize_records(records[:500], gemma, TokenizeConfig(max_length=4096))
+    full = tokenize_records(records[:500], gemma, DataConfig(max_length=4096))
     assert [e.length for e in full] == [e.length + 2 for e in examples[:500]]
     for example in full:
         assert example.input_ids[0] == 2 and example.input_ids[-1] == 1
@@ -75,7 +75,7 @@ def test_probe_category_counts(records):
 
 
 def test_real_lengths_batch_with_little_padding(gemma, records):
-    examples = tokenize_records(records, gemma, TokenizeConfig(max_length=1024))
+    examples = tokenize_records(records, gemma, DataConfig(max_length=1024))
     config = BatchConfig(batch_size=16, seed=0)  # default sort_window and pad_multiple
     batches = list(iterate_batches(examples, config, num_steps=steps_per_epoch(len(examples), config)))
     assert sorted(int(i) for b in batches for i in b.sample_index if i >= 0) == list(range(5000))

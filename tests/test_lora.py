@@ -175,7 +175,7 @@ def test_bad_adapters_name_the_key_or_field(setup, tmp_path, case, match):
     if case.startswith("other_model"):
         cfg = lgeo_jax.Gemma2Config.from_hf_config(SPECS[1].hf_config().to_dict())  # d_model 40
         n_layers = 3 if case == "other_model_width" else 2
-        small = lgeo_jax.init_model(dataclasses.replace(cfg, layer_types=cfg.layer_types[:n_layers]))
+        small = lgeo_jax.init_model(dataclasses.replace(cfg, layer_types=cfg.layer_types[:n_layers], n_layers=n_layers))
         with pytest.raises(ValueError, match=match):
             lgeo_jax.residuals(small, np.zeros((1, 3), np.int32), layers=[0],
                                adapters=[lgeo_jax.load_adapter(path)])

@@ -19,7 +19,7 @@ SEQ = 13  # longer than every spec's sliding window
 
 
 def hf_block_outputs(hf, ids, mask=None):
-    """HF residuals after every block; the last one captured before the final norm (DESIGN.md section 3)."""
+    """HF residuals after every block; the last one captured before the final norm (docs/conventions.md)."""
     captured = {}
     hook = hf.model.layers[-1].register_forward_hook(
         lambda mod, inp, out: captured.__setitem__("last", out[0] if isinstance(out, tuple) else out))

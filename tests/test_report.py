@@ -5,6 +5,7 @@ directory of random JumpReLU SAEs) are written directly here with the corpus / S
 writers, so these tests do not depend on training anything.
 """
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -14,17 +15,23 @@ import numpy as np
 import pytest
 
 from lgeo_jax.analysis import ERROR_NAMES
-from lgeo_jax.config import load_config
-from lgeo_jax.corpus import BASE_NAME, CATEGORY_NAMES, CorpusLayout, SplitStats, summarize
-from lgeo_jax.corpus._store import META_FIELDS, claim_store, open_corpus_arrays, store_url
-from lgeo_jax.manifest import Run
+from lgeo_jax.corpus import BASE_NAME, CATEGORY_NAMES, META_FIELDS, CorpusLayout, SplitStats, store_url, summarize
+from lgeo_jax.corpus._store import claim_store, open_corpus_arrays
 from lgeo_jax.report import FIGURES_CSV, FIGURES_JSON, REPORT_FILE
 from lgeo_jax.sae import SAE, SAEConfig, init_params, load_sae, save_sae
-from lgeo_jax.sae._formats import write_gemma_scope
-from lgeo_jax.stages._analysis import results_path, run_analysis
-from lgeo_jax.stages._corpus import corpus_store
-from lgeo_jax.stages._inputs import base_sae_dir, delta_sae_dir, gemma_scope_root, sweep_path
-from lgeo_jax.stages._report import run_report
+from lgeo_jax.stages import (
+    PIPELINE,
+    Run,
+    StageState,
+    base_sae_dir,
+    corpus_store,
+    delta_sae_dir,
+    open_run,
+    results_path,
+    run_stages,
+    sweep_path,
+)
+from lgeo_jax.study import load_config
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 D, WIDTH, GS_WIDTH = 64, 256, 192  # tiny.yaml: d_model 64, expansion 4; the "Gemma Scope" width differs on purpose
@@ -119,18 +126,25 @@ def write_saes(config, run: Run) -> None:
             for rank in RANKS:
                 save_sae(delta_sae_dir(run, rank, layer, seed), random_relu_sae(1000 * rank + 10 * layer + seed, 0.5))
             save_sae(base_sae_dir(run, layer, seed), random_relu_sae(7 + 10 * layer + seed, 3.0))
-    sweep_path(run).write_text(json.dumps({"adapter": "r4", "layer": LAYERS[0], "selected_l1": 0.1, "points": [
+    sweep_path(run).write_text(json.dumps({"adapter": "r4", "layer": LAYERS[0], "selected_l1": 0.1,
+                                           "normalize": config.sae.normalize.value, "points": [
         {"l1_coeff": c, "l0": l0, "fvu": 0.2, "heldout_rel_l2": 0.4, "heldout_fvu": 0.25}
         for c, l0 in ((0.05, 40.0), (0.1, 25.0), (0.2, 9.0))]}))
 
 
-def export_reference(config, run: Run) -> None:
-    """What the saes stage does for builtin runs: base SAE seed 0 in the Gemma Scope layout + l0.json."""
-    root = gemma_scope_root(run, config)
-    for layer in LAYERS:
-        write_gemma_scope(load_sae(base_sae_dir(run, layer, SEEDS[0])),
-                          root / f"layer_{layer}" / "width_16k" / f"average_l0_{GS_L0[layer]}")
-    (root / "l0.json").write_text(json.dumps({str(k): v for k, v in GS_L0.items()}))
+def handmade(rows=ROWS):
+    """The study's pipeline with the upstream stages replaced by the hand-built outputs above."""
+
+    def corpus(config, stage, run):
+        write_corpus(config, run, stage.path, rows)
+
+    def saes(config, stage, run):
+        write_saes(config, run)
+        stage.update(l1=0.1)  # the coefficient the saes stage records (tiny.yaml lets the sweep choose)
+
+    fake = {"data": lambda *_: None, "base": lambda *_: None, "adapters": lambda *_: None, "corpus": corpus,
+            "saes": saes}
+    return tuple(dataclasses.replace(s, run=fake.get(s.name, s.run)) for s in PIPELINE)
 
 
 def build_run(tmp_path: pathlib.Path, *overrides: str, rows=ROWS, gs_layers=LAYERS):
@@ -138,24 +152,13 @@ def build_run(tmp_path: pathlib.Path, *overrides: str, rows=ROWS, gs_layers=LAYE
     gs_dir = tmp_path / "gemma_scope"
     write_gemma_scope_dir(gs_dir, gs_layers)
     config = make_config(tmp_path, gs_dir, *overrides)
-    run = Run(config.run_dir, config)
-    for name in ("data", "base", "adapters", "corpus", "saes"):
-        stage = run.begin(name)
-        if name == "corpus":
-            write_corpus(config, run, stage.path, rows)
-        if name == "saes":
-            write_saes(config, run)
-            stage.update(l1=0.1)  # the coefficient the saes stage records (tiny.yaml lets the sweep choose)
-            if config.analysis.gemma_scope_dir is None:
-                export_reference(config, run)
-        stage.finish()
-    return config, run
+    pipeline = handmade(rows)
+    run_stages(config, "saes", pipeline=pipeline, echo=lambda line: None)
+    return config, open_run(config, pipeline)
 
 
-def analyze(config, run: Run) -> dict:
-    stage = run.begin("analysis")
-    run_analysis(config, stage, run)
-    stage.finish()
+def analyze(config, run: Run, target: str = "analysis") -> dict:
+    run_stages(config, target, pipeline=run.pipeline, echo=lambda line: None)
     return json.loads(results_path(run).read_text())
 
 
@@ -163,10 +166,7 @@ def analyze(config, run: Run) -> dict:
 def finished(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
     config, run = build_run(tmp)
-    results = analyze(config, run)
-    stage = run.begin("report")
-    run_report(config, stage, run)
-    stage.finish()
+    results = analyze(config, run, target="report")
     return config, run, results
 
 
@@ -186,7 +186,7 @@ def test_every_table_present_finite_and_in_range(finished):
     for layer in LAYERS:
         record = results["layers"][f"L{layer}"]
         assert _in(record["base"]["dictionary_on_base"]["rel_l2"], 0, np.inf)
-        assert set(record["base"]["base_saes"]) == {"0", "1"}  # only an exported dictionary excludes seed 0
+        assert set(record["base"]["base_saes"]) == {"0", "1"}  # only a base SAE serving as dictionary is excluded
         for name in meta["adapters"]:
             cell = record["adapters"][name]
             for errors in (cell["table5"]["direct"], cell["table5"]["difference"], *cell["table6"].values()):
@@ -277,25 +277,24 @@ def test_resume_skips_finished_layers(finished, tmp_path):
     first = copy / "analysis" / "layers" / f"L{LAYERS[0]}.json"
     first.write_text(first.read_text().replace('"n_tokens": 1100', '"n_tokens": 1101', 1))  # marks "not redone"
     config2 = load_config(CONFIG, [*_overrides(config), f"run_dir={copy}"])
-    run2 = Run(copy, config2)
-    stage = run2.begin("analysis")
-    assert not stage.is_complete and stage.is_done(f"L{LAYERS[0]}")
-    run_analysis(config2, stage, run2)
-    resumed = json.loads((copy / "analysis" / "results.json").read_text())
+    run2 = open_run(config2, run.pipeline)
+    assert run2.check("analysis").state is StageState.RESUMABLE
+    assert run2.manifest("analysis").done == (f"L{LAYERS[0]}",)
+    resumed = analyze(config2, run2)
     assert resumed["layers"][f"L{LAYERS[1]}"] == results["layers"][f"L{LAYERS[1]}"]
     assert '"n_tokens": 1101' in first.read_text()  # the finished layer was not recomputed
 
 
-def test_exported_base_sae_as_dictionary(tmp_path):
+def test_base_sae_as_dictionary(tmp_path):
     """Builtin runs: the dictionary is base SAE seed 0, so base-base uses the other seed, never itself."""
     config, run = build_run(tmp_path, "analysis.gemma_scope_dir=null", f"extract.layers=[{LAYERS[0]}]",
                             f"lora.ranks=[{RANKS[0]}]")
     results = analyze(config, run)
     record = results["layers"][f"L{LAYERS[0]}"]
-    assert set(record["base"]["base_saes"]) == {"1"} and "exported" in results["meta"]["dictionary"]
+    assert set(record["base"]["base_saes"]) == {"1"} and "own base SAE" in results["meta"]["dictionary"]
     t9 = record["adapters"][f"r{RANKS[0]}"]["table9"]
     assert t9["base_vs_dictionary"]["base_seed"] == 1 and t9["base_vs_dictionary"]["signed"]["mean"] < 0.99
-    # the dictionary reconstructs h_base exactly as base SAE seed 0 would: same parameters, other format
+    # the dictionary reconstructs h_base exactly as base SAE seed 0 does
     seed0 = load_sae(base_sae_dir(run, LAYERS[0], 0))
     x = activations(ROWS["heldout"], seed=1)[(BASE_NAME, LAYERS[0])]
     err = np.linalg.norm(x - np.asarray(seed0.reconstruct(x)), axis=1) / np.linalg.norm(x, axis=1)

@@ -22,7 +22,7 @@ from lgeo_jax.sae import (
 D, F = 23, 61  # primes, so a transposed axis cannot pass for the right one
 
 
-def random_sae(arch: Arch, scale: float, seed: int = 0, k: int = 0) -> SAE:
+def random_sae(arch: Arch, scale: float, seed: int = 0, k: int | None = None) -> SAE:
     rng = np.random.default_rng(seed)
     params = {"W_enc": rng.normal(size=(D, F)), "b_enc": rng.normal(size=F) * 0.3,
               "W_dec": rng.normal(size=(F, D)), "b_dec": rng.normal(size=D)}
@@ -49,7 +49,7 @@ def assert_rel(ours, ref, tol=1e-5):
     assert err < tol, f"relative error {err:.2e} >= {tol}"
 
 
-@pytest.mark.parametrize("arch,k", [(Arch.RELU, 0), (Arch.JUMPRELU, 0), (Arch.TOPK, 7)])
+@pytest.mark.parametrize("arch,k", [(Arch.RELU, None), (Arch.JUMPRELU, None), (Arch.TOPK, 7)])
 def test_saelens_export_matches_saelens_forward(tmp_path, arch, k):
     sae = random_sae(arch, scale=3.7, k=k)
     export_sae_dir = tmp_path / "ours"
@@ -78,7 +78,7 @@ def test_load_saelens_written_by_saelens(tmp_path, apply_b_dec_to_input):
             p.copy_(torch.randn_like(p) * 0.5)
     lens.save_model(tmp_path)
     ours = load_sae(tmp_path)
-    assert ours.cfg.arch is Arch.RELU
+    assert ours.cfg.architecture is Arch.RELU
     x = inputs(1.0)
     with torch.no_grad():
         f_ref = lens.encode(torch.from_numpy(x)).numpy()
@@ -123,14 +123,13 @@ def test_load_gemma_scope_release_layout(tmp_path):
     folder = tmp_path / "layer_5" / "width_16k" / "average_l0_77"
     folder.mkdir(parents=True)
     np.savez(folder / "params.npz", **{k: v.astype(np.float32) for k, v in p.items()})
-    path = gemma_scope_path(tmp_path, layer=5, l0=77)
+    path = tmp_path / gemma_scope_path(5, "width_16k", 77)
     sae = load_gemma_scope(path)
     x = inputs(1.0)
     f_ref, x_hat_ref = np_jumprelu(p, x)
     assert_rel(sae.encode(x), f_ref)
     assert_rel(sae.reconstruct(x), x_hat_ref)
-    with pytest.raises(ValueError, match="average_l0_77"):
-        gemma_scope_path(tmp_path, layer=5, l0=80)
+    assert load_sae(folder).cfg == sae.cfg  # the directory loads as the same SAE
 
 
 def test_sparsify_export_matches_sparsify_math(tmp_path):
@@ -182,3 +181,46 @@ def test_format_errors(tmp_path):
     with pytest.raises(ValueError, match="W_dec has shape"):
         SAE(SAEConfig(D, F), {"W_enc": np.zeros((D, F)), "b_enc": np.zeros(F), "W_dec": np.zeros((D, F)),
                               "b_dec": np.zeros(D)})
+
+
+_NO_TORCH_LOAD = """
+import sys
+sys.modules["torch"] = None  # `import torch` raises ImportError from here on
+import numpy as np
+from lgeo_jax.sae import load_sae
+x = np.load(sys.argv[2])
+sae = load_sae(sys.argv[1])
+assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None and m.split(".")[0] == "torch"]
+np.savez(sys.argv[3], f=np.asarray(sae.encode(x)), x_hat=np.asarray(sae.reconstruct(x)))
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_saelens_directory_loads_without_torch(tmp_path, dtype):
+    """A plain `pip install -e .` has no torch: SAELens directories (float32 and bf16) must still load, and give
+    SAELens's own encode / decode."""
+    import subprocess
+    import sys
+
+    from e2e import REPO
+    from sae_lens import SAE as SAELensSAE
+
+    torch.manual_seed(2)
+    lens = StandardSAE(StandardSAEConfig(d_in=D, d_sae=F))
+    with torch.no_grad():
+        for p in lens.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    lens.to(dtype).save_model(tmp_path / "sae")
+    # the reference: SAELens's own loader and forward in float32, on exactly the stored (rounded) weights
+    lens = SAELensSAE.load_from_disk(tmp_path / "sae", dtype="float32")
+    x = inputs(1.0)
+    np.save(tmp_path / "x.npy", x)
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH_LOAD, str(tmp_path / "sae"), str(tmp_path / "x.npy"),
+                           str(tmp_path / "out.npz")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = np.load(tmp_path / "out.npz")
+    with torch.no_grad():
+        f_ref = lens.encode(torch.from_numpy(x)).numpy()
+        x_hat_ref = lens(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(out["f"], f_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["x_hat"], x_hat_ref, rtol=1e-5, atol=1e-5)

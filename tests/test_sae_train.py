@@ -12,8 +12,9 @@ from lgeo_jax.sae import (
     SAE,
     ArraySource,
     SAEConfig,
+    SAETrainConfig,
+    Sparsity,
     SweepPoint,
-    TrainConfig,
     estimate_sae_memory,
     init_params,
     l1_sweep,
@@ -25,13 +26,13 @@ from lgeo_jax.sae._step import make_optimizer
 from lgeo_jax.sae._train import _init_state_shapes, _multi_step
 
 
-@pytest.mark.parametrize("arch,k,l1", [("relu", 0, 3.0), ("topk", 3, 0.0)])
+@pytest.mark.parametrize("arch,k,l1", [("relu", None, 3.0), ("topk", 3, 0.0)])
 def test_recovers_planted_dictionary(tmp_path, arch, k, l1):
     gt, x = planted(20000, seed=0)
     _, held = planted(2000, seed=1)
     cfg = SAEConfig(D, 96, arch, k=k)
     result = quiet_train(ArraySource([x], held_out=[held]), cfg,
-                        TrainConfig(batch_size=256, steps=1000, lr=3e-3, lr_warmup_steps=50, l1_warmup_steps=100,
+                        SAETrainConfig(batch_size=256, steps=1000, lr=3e-3, lr_warmup_steps=50, l1_warmup_steps=100,
                                     log_every=250, eval_every=1000, checkpoint_every=1000, eval_rows=2000),
                         [l1], [0], tmp_path, mesh=one_device())
     mc = max_cos_to_truth(gt, result.saes[0].params["W_dec"])
@@ -89,8 +90,10 @@ def test_bad_inputs(tmp_path):
         quiet_train(ok, cfg, tc, [0.1], [0, 1], tmp_path / "n")
     with pytest.raises(ValueError, match="not trained"):
         quiet_train(ok, SAEConfig(24, 40, "jumprelu"), tc, [0.1, 0.1], [0, 1], tmp_path / "j")
-    with pytest.raises(ValueError, match="TopK needs"):
+    with pytest.raises(ValueError, match="k: required when architecture is 'topk'"):
         SAEConfig(24, 40, "topk")
+    with pytest.raises(ValueError, match="k: 41 exceeds d_sae=40"):
+        SAEConfig(24, 40, "topk", 41)
 
 
 def test_l1_sweep_and_pick(tmp_path):
@@ -113,7 +116,7 @@ def test_l1_sweep_and_pick(tmp_path):
 def test_memory_estimate_close_to_xla(tmp_path):
     """`estimate_sae_memory` vs XLA's own accounting of the compiled step (arguments + temporaries)."""
     for d, f, n_sae, batch in [(256, 1024, 4, 512), (128, 4096, 2, 1024)]:
-        sc, tc = SAEConfig(d, f), TrainConfig(steps=10)
+        sc, tc = SAEConfig(d, f), SAETrainConfig(steps=10)
         opt = make_optimizer(tc, 10)
         state = jax.eval_shape(lambda: _init_state_shapes(n_sae, sc, opt))  # noqa: B023
         compiled = jax.jit(functools.partial(_multi_step, sae_cfg=sc, train_cfg=tc, optimizer=opt),
@@ -138,13 +141,13 @@ def test_loss_convention_matches_numpy(sparsity):
     """MSE summed over d and averaged over tokens; L1 = mean over tokens of sum_i f_i (x ||W_dec_i|| if weighted)."""
     from lgeo_jax.sae._step import loss_fn
 
-    cfg = SAEConfig(11, 17, sparsity=sparsity)
+    cfg = SAEConfig(11, 17)
     rng = np.random.default_rng(5)
     p = {"W_enc": rng.normal(size=(11, 17)), "b_enc": rng.normal(size=17) * 0.1,
          "W_dec": rng.normal(size=(17, 11)) * 2, "b_dec": rng.normal(size=11)}
     x = rng.normal(size=(13, 11))
     loss, aux = loss_fn({k: jnp.asarray(v, jnp.float32) for k, v in p.items()}, jnp.asarray(x, jnp.float32),
-                        jnp.float32(0.3), cfg)
+                        jnp.float32(0.3), cfg, Sparsity(sparsity))
     f = np.maximum((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"], 0)
     mse = np.mean(np.sum((f @ p["W_dec"] + p["b_dec"] - x) ** 2, axis=1))
     weights = np.linalg.norm(p["W_dec"], axis=1) if sparsity == "decoder_norm" else np.ones(17)
@@ -159,7 +162,7 @@ def test_dead_latent_tracking_and_unit_decoder():
     """A latent that cannot fire counts up its silent steps; the others reset; decoder rows stay unit-norm."""
     from lgeo_jax.sae._step import SAEState, train_step
 
-    cfg, tc = SAEConfig(24, 40), TrainConfig(steps=5, lr=1e-2)
+    cfg, tc = SAEConfig(24, 40), SAETrainConfig(steps=5, lr=1e-2)
     opt = make_optimizer(tc, 5)
     params = init_params(jax.random.key(0), cfg)
     params["b_enc"] = params["b_enc"].at[7].set(-1e6)

@@ -18,26 +18,25 @@ from hf_tiny import SPECS, build_hf_model, save_hf_model
 from transformers import AutoTokenizer
 
 import lgeo_jax
-from lgeo_jax.config import Schedule, TrainConfig
 from lgeo_jax.data import (
     Batch,
     BatchConfig,
-    SplitConfig,
-    TokenizeConfig,
+    DataConfig,
     iterate_batches,
     load_alpaca,
     tokenize_split,
     write_synthetic_dataset,
 )
 from lgeo_jax.lora import AdapterSpec, init_adapters, stacked_lora
-from lgeo_jax.model._config import AttentionType
+from lgeo_jax.model import AttentionType, BuiltinModelConfig
+from lgeo_jax.optim import Schedule, lr_schedule
 from lgeo_jax.train import (
     NonFiniteLossError,
     TrainCheckpoints,
+    TrainConfig,
     clip_per_adapter,
     evaluate_heldout,
     loss_and_grads,
-    lr_schedule,
     next_token_loss,
     pretrain_base,
     split_adapters,
@@ -46,7 +45,7 @@ from lgeo_jax.train import (
 )
 
 LAYERS = (AttentionType.LOCAL_SLIDING, AttentionType.GLOBAL)
-SPLITS = SplitConfig(train=(0, 120), probe=(0, 20), heldout=(120, 160))
+DATA = DataConfig(train=(0, 120), probe=(0, 20), heldout=(120, 160), max_length=80)
 # lr high enough that a few steps move the loss; dropout on so the (seed, step) keys are exercised.
 TRAIN = TrainConfig(lr=2e-2, warmup_steps=1, warmup_fraction=None, schedule=Schedule.LINEAR, weight_decay=0.01,
                     max_grad_norm=1.0, batch_size=8, grad_accum_steps=2, epochs=1, max_steps=6, seed=3,
@@ -162,9 +161,8 @@ def data(tmp_path_factory):
     ds = write_synthetic_dataset(root, n_records=160, seed=0, vocab_size=1024)
     tok = AutoTokenizer.from_pretrained(str(ds.tokenizer_dir))
     records = load_alpaca(ds.records_path)
-    tc = TokenizeConfig(max_length=80)
-    train = tokenize_split(records, tok, SPLITS, "train", tc)
-    heldout = tokenize_split(records, tok, SPLITS, "heldout", tc)
+    train = tokenize_split(records, tok, DATA, "train")
+    heldout = tokenize_split(records, tok, DATA, "heldout")
     cfg = lgeo_jax.Gemma2Config(vocab_size=len(tok), d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, mlp_dim=48,
                                 layer_types=LAYERS, sliding_window=16, query_pre_attn_scalar=16.0)
     return dict(cfg=cfg, train=train, heldout=heldout, model=lgeo_jax.init_model(cfg, seed=1))
@@ -269,7 +267,9 @@ def test_heldout_eval_matches_separate_passes_and_shows_change(data, trained):
 
 @pytest.mark.slow
 def test_pretraining_lowers_loss_and_saves_a_loadable_checkpoint(data, tmp_path):
-    result = pretrain_base(data["cfg"], data["train"], steps=25, lr=3e-3, batch_size=8, progress=False)
+    cfg = BuiltinModelConfig(**{**dataclasses.asdict(data["cfg"]), "pretrain_steps": 25, "pretrain_lr": 3e-3,
+                                "pretrain_batch_size": 8})
+    result = pretrain_base(cfg, data["train"], progress=False)
     assert result.losses.shape == (25,) and result.losses[-5:].mean() < result.losses[:3].mean() - 0.5
     lgeo_jax.save_model(result.model, tmp_path)
     loaded = lgeo_jax.load_model(tmp_path)

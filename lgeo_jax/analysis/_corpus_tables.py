@@ -40,11 +40,17 @@ def table4(stats: Mapping[str, Any], adapters: Sequence[str], layers: Sequence[i
     return out
 
 
+TABLE12_ARMS = {"rms": "post_norm", "none": "pre_norm"}
+"""`sae.normalize` -> the paper's name for that arm of Table 12 (coefficients after / before RMS normalisation)."""
+
+
 def table12(sweep: Mapping[str, Any]) -> dict[str, Any]:
-    """The L1 sweep (`saes/sweep.json`): one row per coefficient with L0 and held-out errors, selection marked."""
+    """The L1 sweep (`saes/sweep.json`): one row per coefficient with L0 and held-out errors, selection marked,
+    and which arm it is (`post_norm`: the SAEs saw x / s; `pre_norm`: raw x)."""
     try:
         points = sweep["points"]
         selected = float(sweep["selected_l1"])
+        arm = TABLE12_ARMS[sweep["normalize"]]
         rows = [{"l1": float(p["l1_coeff"]), "l0": float(p["l0"]), "fvu": float(p["fvu"]),
                  "heldout_rel_l2": p.get("heldout_rel_l2"), "heldout_fvu": p.get("heldout_fvu"),
                  "selected": math.isclose(float(p["l1_coeff"]), selected)} for p in points]
@@ -53,5 +59,5 @@ def table12(sweep: Mapping[str, Any]) -> dict[str, Any]:
                          "stage") from e
     if not rows:
         raise ValueError("saes/sweep.json: no sweep points")
-    return {"adapter": sweep.get("adapter"), "layer": sweep.get("layer"), "selected_l1": selected,
+    return {"adapter": sweep.get("adapter"), "layer": sweep.get("layer"), "selected_l1": selected, "arm": arm,
             "rows": sorted(rows, key=lambda r: r["l1"])}

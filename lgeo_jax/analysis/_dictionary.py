@@ -73,7 +73,7 @@ def count_rows(w: Float[np.ndarray, "F D"]) -> int:
 
 
 def subspace(rows: Float[np.ndarray, "M D"], k: int) -> Float[np.ndarray, "K D"]:
-    """Orthonormal top-k right singular basis of the row-normalised rows (DESIGN.md section 3, Table 10)."""
+    """Orthonormal top-k right singular basis of the row-normalised rows (docs/conventions.md, Table 10)."""
     return np.asarray(jax.block_until_ready(top_subspace(rows, k, row_normalize=True)))
 
 

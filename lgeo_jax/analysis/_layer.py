@@ -1,8 +1,8 @@
 """Everything the study reports for one layer: token passes (Tables 5-8, 11) and dictionary geometry with
 its nulls (Tables 9-10), for every adapter, as a JSON-ready record plus the raw arrays the plots need.
 
-The reference dictionary is "Gemma Scope" (or, for builtin runs, our base SAE exported in its layout).
-Each geometric number comes with (DESIGN.md section 6):
+The reference dictionary is Gemma Scope, any SAE directory the config names, or (builtin runs) our base SAE.
+Each geometric number comes with (docs/conventions.md, "Statistics"):
   random_directions  Monte Carlo random rows / subspaces of the same shapes (+ exact / large-d values)
   random_init        a freshly initialised SAE decoder against the real dictionary
   seed_to_seed       the delta SAE against the same data's SAE with another seed (the ceiling)
@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
+from lgeo_jax.analysis._config import AnalysisConfig
 from lgeo_jax.analysis._dictionary import Comparison, compare, count_rows, live_rows, subspace, subspace_k
 from lgeo_jax.analysis._nulls import (
     random_angles,
@@ -31,23 +32,10 @@ from lgeo_jax.sae import SAE
 
 
 @dataclasses.dataclass(frozen=True)
-class AnalysisSettings:
-    """The analysis knobs (from `AnalysisConfig`) that this module needs."""
-
-    subspace_k: int = 256
-    near_orthogonal_deg: float = 70.0
-    aligned_deg: float = 30.0
-    active_threshold: float = 0.0
-    null_samples: int = 8
-    null_seed: int = 0
-    max_cosine_chunk: int = 512
-
-
-@dataclasses.dataclass(frozen=True)
 class LayerSAEs:
     """The SAEs of one layer: the reference dictionary, delta SAEs per adapter and seed (first seed is the
     one reported; a second one gives the seed-to-seed null), and base SAEs usable for the base-base null
-    (never the one exported as the dictionary itself)."""
+    (never the one serving as the dictionary itself)."""
 
     dictionary: SAE
     delta: Mapping[str, Mapping[int, SAE]]
@@ -70,8 +58,8 @@ class LayerSAEs:
 class NullCache:
     """Shape-only nulls (random directions / subspaces) with their summaries, computed once per shape."""
 
-    def __init__(self, settings: AnalysisSettings):
-        self.settings = settings
+    def __init__(self, config: AnalysisConfig):
+        self.config = config
         self._max_cos: dict[tuple, tuple[dict, dict]] = {}
         self._angles: dict[tuple, tuple[np.ndarray, dict]] = {}
 
@@ -79,7 +67,7 @@ class NullCache:
         """m random directions (the first m of `width` i.i.d. draws, so one draw serves every live count)
         against n random directions: raw arrays and their summary."""
         if (width, n, d) not in self._max_cos:
-            draw = random_max_cosine(width, n, d, seed=self.settings.null_seed, chunk=self.settings.max_cosine_chunk)
+            draw = random_max_cosine(width, n, d, seed=self.config.null_seed, chunk=self.config.max_cosine_chunk)
             self._max_cos[(width, n, d)] = (draw, random_max_cosine_summary(draw, n, d))
         draw, summary = self._max_cos[(width, n, d)]
         if m == width:
@@ -90,7 +78,7 @@ class NullCache:
     def angles(self, k: int, d: int) -> tuple[np.ndarray, dict]:
         """Principal angles [null_samples, k] of random subspace pairs and their summary."""
         if (k, d) not in self._angles:
-            s = self.settings
+            s = self.config
             angles = random_angles(k, d, n_trials=s.null_samples, seed=s.null_seed)
             self._angles[(k, d)] = (angles, random_angles_summary(angles, d, s.near_orthogonal_deg, s.aligned_deg))
         return self._angles[(k, d)]
@@ -107,7 +95,7 @@ def _nonfinite_to_none(value):
 
 def analyze_layer(layer: int, d_model: int, saes: LayerSAEs, base_batches: Callable[[], Iterable[np.ndarray]],
                   pair_batches: Callable[[str], Iterable[tuple[np.ndarray, np.ndarray]]],
-                  settings: AnalysisSettings, nulls: NullCache) -> tuple[dict, dict[str, np.ndarray]]:
+                  config: AnalysisConfig, nulls: NullCache) -> tuple[dict, dict[str, np.ndarray]]:
     """One layer's record `{"base": ..., "adapters": {name: {table5..table11}}}` and raw arrays keyed
     `"<adapter>/<comparison>/<max_cos|max_cos_abs|angles>"`.
 
@@ -128,7 +116,7 @@ def analyze_layer(layer: int, d_model: int, saes: LayerSAEs, base_batches: Calla
     for adapter, by_seed in saes.delta.items():
         seeds = list(by_seed)
         result = adapter_pass(pair_batches(adapter), dictionary, {s: DeviceSAE(by_seed[s]) for s in seeds},
-                              active_threshold=settings.active_threshold)
+                              active_threshold=config.active_threshold)
         summary = result.summary()
         primary = seeds[0]
         summary["table7"] = improvement(summary["table6"][str(primary)], summary["table5"]["direct"])
@@ -143,15 +131,15 @@ def analyze_layer(layer: int, d_model: int, saes: LayerSAEs, base_batches: Calla
         usable_base = {s: r for s, r in base_rows.items() if count_rows(r)}
         counts = [d_model, n_live, n_dict, *(count_rows(r) for r in others.values()),
                   *(count_rows(r) for r in usable_base.values())]
-        k = subspace_k(settings.subspace_k, *counts)
+        k = subspace_k(config.subspace_k, *counts)
         if k not in dict_bases:
             dict_bases[k] = subspace(dict_rows, k)
         dict_basis = dict_bases[k]
-        chunk = settings.max_cosine_chunk
+        chunk = config.max_cosine_chunk
         comparisons: dict[str, Comparison] = {
             "delta_vs_dictionary": compare(a, dict_rows, k, chunk=chunk, b_basis=dict_basis),
             "random_init": compare(live_rows(random_init_decoder(by_seed[primary].cfg.d_sae, d_model,
-                                                                 seed=settings.null_seed), result.firing[primary].live),
+                                                                 seed=config.null_seed), result.firing[primary].live),
                                    dict_rows, k, chunk=chunk, b_basis=dict_basis),
         }
         if others:
@@ -161,7 +149,7 @@ def analyze_layer(layer: int, d_model: int, saes: LayerSAEs, base_batches: Calla
             if (seed, k) not in base_comparisons:  # independent of the adapter: once per layer and k
                 base_comparisons[(seed, k)] = compare(rows_b, dict_rows, k, chunk=chunk, b_basis=dict_basis)
             comparisons["base_vs_dictionary"] = base_comparisons[(seed, k)]
-        geometry = {name: c.summary(settings.near_orthogonal_deg, settings.aligned_deg)
+        geometry = {name: c.summary(config.near_orthogonal_deg, config.aligned_deg)
                     for name, c in comparisons.items()}
         random_cos, random_cos_summary = nulls.max_cosine(n_live, len(a), n_dict, d_model)
         random_ang, random_ang_summary = nulls.angles(k, d_model)

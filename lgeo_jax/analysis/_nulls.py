@@ -1,4 +1,4 @@
-"""Random baselines for Tables 9 and 10 (DESIGN.md section 6): what the statistics give with no structure.
+"""Random baselines for Tables 9 and 10 (docs/conventions.md, "Statistics"): what the statistics give with no structure.
 
 * Random directions: `m` Gaussian rows against `n` Gaussian rows in R^d (Monte Carlo, the real kernels)
   next to the exact expected max-cosine of a fixed direction against `n` random ones.

@@ -1,6 +1,6 @@
 """Table 8: how many dictionary features that fire on the delta also fire on h_base at the same token.
 
-Per token t with at least one active feature on the delta (f > threshold, DESIGN.md section 3):
+Per token t with at least one active feature on the delta (f > threshold, docs/conventions.md):
     overlap_t = |A_delta(t) & A_base(t)| / |A_delta(t)|
 `overlap` averages overlap_t over those tokens; `overlap_pooled` = sum |A_delta & A_base| / sum |A_delta|.
 

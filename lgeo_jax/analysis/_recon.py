@@ -1,4 +1,4 @@
-"""Reconstruction error sums over a token stream (Tables 5-7), both definitions of DESIGN.md section 3.
+"""Reconstruction error sums over a token stream (Tables 5-7), both definitions of docs/conventions.md.
 
     rel_l2        = mean_t ||x - x_hat|| / ||x||                 (tokens with ||x|| = 0 are skipped, counted)
     rel_l2_pooled = sqrt(sum ||x - x_hat||^2 / sum ||x||^2)

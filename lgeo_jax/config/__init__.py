@@ -1,85 +1,41 @@
-"""Study configuration: YAML -> validated frozen dataclasses, overrides, section hashes, YAML dump.
+"""The configuration layer: YAML -> validated frozen dataclasses, with every problem reported at once.
+
+Each package declares its own settings as a `Section` (`@section` + `field(...)` with checks) and the
+study config (`lgeo_jax.study.StudyConfig`) only nests them, so every setting has one schema: one type,
+one default, one check. This package imports nothing else from lgeo_jax but `lgeo_jax.files`.
 
 Typical use::
 
-    config = load_config("configs/tiny.yaml", ["sae.l1=0.1"])   # raises ConfigError listing every problem
-    stage_hash = section_hash(config, "sae")
-    print(dump_config(config))
+    @section
+    class SweepConfig(Section):
+        l1: tuple[float, ...] = field((0.1,), check=each(greater(0)))
+
+    config = load_yaml(SweepConfig, "sweep.yaml", ["l1=[0.1,0.2]"])   # raises ConfigError listing every problem
 """
 
+from lgeo_jax.config._common import PLACEHOLDER_PREFIX, DType, is_placeholder, section_hash
+from lgeo_jax.config._convert import (
+    REQUIRED,
+    Section,
+    at_least,
+    cross_check,
+    default_of,
+    each,
+    field,
+    greater,
+    in_range,
+    nonempty_distinct,
+    one_of,
+    section,
+    split_range,
+    to_plain,
+)
 from lgeo_jax.config._errors import ConfigError, Problem
-from lgeo_jax.config._hash import canonical_json, section_hash, section_hashes
-from lgeo_jax.config._load import (
-    apply_overrides,
-    config_from_dict,
-    config_from_yaml,
-    dump_config,
-    load_config,
-    to_dict,
-)
-from lgeo_jax.config._paths import path_problems
-from lgeo_jax.config._sections import (
-    ALPACA_HUB_ID,
-    BUILTIN_DATA,
-    BUILTIN_MODEL,
-    GEMMA_SCOPE_9B_L0,
-    SECTION_NAMES,
-    SPLIT_NAMES,
-    AnalysisConfig,
-    BuiltinModelConfig,
-    DataConfig,
-    DType,
-    ExtractConfig,
-    LoraConfig,
-    LossOn,
-    ModelConfig,
-    Overflow,
-    PlotFormat,
-    ReportConfig,
-    SaeArchitecture,
-    SaeConfig,
-    SaeNormalize,
-    Schedule,
-    StudyConfig,
-    TrainConfig,
-    is_placeholder,
-)
+from lgeo_jax.config._yaml import apply_overrides, dump_yaml, from_dict, from_yaml, load_yaml
 
 __all__ = [
-    "ALPACA_HUB_ID",
-    "BUILTIN_DATA",
-    "BUILTIN_MODEL",
-    "GEMMA_SCOPE_9B_L0",
-    "SECTION_NAMES",
-    "SPLIT_NAMES",
-    "AnalysisConfig",
-    "BuiltinModelConfig",
-    "ConfigError",
-    "DType",
-    "DataConfig",
-    "ExtractConfig",
-    "LoraConfig",
-    "LossOn",
-    "ModelConfig",
-    "Overflow",
-    "PlotFormat",
-    "Problem",
-    "ReportConfig",
-    "SaeArchitecture",
-    "SaeConfig",
-    "SaeNormalize",
-    "Schedule",
-    "StudyConfig",
-    "TrainConfig",
-    "apply_overrides",
-    "canonical_json",
-    "config_from_dict",
-    "config_from_yaml",
-    "dump_config",
-    "is_placeholder",
-    "load_config",
-    "path_problems",
-    "section_hash",
-    "section_hashes",
-    "to_dict",
+    "PLACEHOLDER_PREFIX", "REQUIRED", "ConfigError", "DType", "Problem", "Section", "apply_overrides", "at_least",
+    "cross_check", "default_of", "dump_yaml", "each", "field", "from_dict", "from_yaml", "greater", "in_range",
+    "is_placeholder", "load_yaml", "nonempty_distinct", "one_of", "section", "section_hash", "split_range",
+    "to_plain",
 ]

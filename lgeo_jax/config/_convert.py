@@ -4,7 +4,9 @@ Every config section derives from :class:`Section`. Its `__post_init__` converts
 annotated type (lists -> tuples, strings -> enums, mappings -> nested sections), runs the field's
 declared check, then the section's cross-field checks, and raises one :class:`ConfigError` listing
 everything wrong. The same path runs for YAML input and for sections built in Python, so there is
-one validator, not two that drift apart.
+one validator, not two that drift apart. Every package declares its own settings as a `Section` (the
+`@section` decorator: a frozen, keyword-only dataclass) and this module is all they share; it imports
+nothing else from lgeo_jax.
 
 Supported annotations: `int`, `float`, `bool`, `str`, enums, `X | None`, `tuple[X, ...]`,
 `tuple[X, Y]`, `Mapping[K, V]` (stored read-only) and nested `Section`s. Numbers are strict (a bool
@@ -29,6 +31,9 @@ from lgeo_jax.config._errors import ConfigError, Problem
 REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "<required>"})()
 """Default of a field that has no sensible default; leaving it unset is reported, not a TypeError."""
 
+_DERIVED: Any = type("Derived", (), {"__repr__": lambda self: "<derived>"})()
+"""Default of a field whose default depends on other fields (`field(derived=...)`); resolved on construction."""
+
 _INVALID = object()
 _NUMBER = re.compile(r"^[+-]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][+-]?\d+)?$")
 
@@ -36,11 +41,28 @@ Check = Callable[[Any], Iterator[tuple[str, str]]]
 """A field check: yields (sub-path such as "[2]" or "", message) for each problem in a converted value."""
 
 
-def field(default: Any = REQUIRED, *, check: Check | None = None, affects_results: bool = True) -> Any:
+def default_of(base: type, name: str, default: Any) -> Any:
+    """Field `name` of section `base` with another default and everything else (check, hash role) kept: how a
+    preset section (the built-in tiny model) changes defaults without restating the rules."""
+    meta = base.__dataclass_fields__[name].metadata
+    return field(default, check=meta["check"], affects_results=meta["affects_results"])
+
+
+def section(cls: type) -> type:
+    """Declares a config section: a frozen, keyword-only dataclass (so sections can extend each other
+    without field-order trouble) whose fields are converted and validated by `Section.__post_init__`."""
+    return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+
+
+def field(default: Any = REQUIRED, *, check: Check | None = None, affects_results: bool = True,
+          derived: Callable[[Any], Any] | None = None) -> Any:
     """A config field. `affects_results=False` marks operational knobs (batch sizes for inference,
     checkpoint cadence, chunk sizes) that are left out of the section hash so changing them never
-    invalidates finished work."""
-    meta = {"check": check, "affects_results": affects_results}
+    invalidates finished work. `derived(section)` gives the default from the section's other (converted)
+    fields when the key is not set, e.g. a coefficient that only one architecture uses."""
+    meta = {"check": check, "affects_results": affects_results, "derived": derived}
+    if derived is not None:
+        return dataclasses.field(default=_DERIVED, metadata=meta)
     if type(default).__hash__ is None:  # an immutable mapping proxy: share it, dataclasses refuse it as a default
         return dataclasses.field(default_factory=lambda: default, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -53,8 +75,14 @@ class Section:
         problems: list[Problem] = []
         bad: set[str] = set()
         hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
+        fields = dataclasses.fields(self)
+        # Derived defaults last: they read the other fields' converted values.
+        for f in sorted(fields, key=lambda f: getattr(self, f.name) is _DERIVED):
             raw = getattr(self, f.name)
+            if raw is _DERIVED:
+                if bad:  # its inputs may be invalid; the problems already found are reported instead
+                    continue
+                raw = f.metadata["derived"](self)
             before = len(problems)
             if raw is REQUIRED:
                 problems.append(Problem(f.name, "required key missing"))
@@ -315,16 +343,5 @@ def split_range() -> Check:
         start, stop = value
         if not 0 <= start < stop:
             yield "", f"expected [start, stop) with 0 <= start < stop, got [{start}, {stop}]"
-
-    return check
-
-
-def layer_l0() -> Check:
-    """A mapping layer -> Gemma Scope average L0, both non-negative / positive integers."""
-
-    def check(value):
-        for layer, l0 in value.items():
-            if layer < 0 or l0 <= 0:
-                yield f".{layer}", f"expected layer >= 0 and L0 > 0, got {layer}: {l0}"
 
     return check

@@ -14,21 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 from jaxtyping import Bool, Int
 
+from lgeo_jax.corpus._config import ExtractConfig
 from lgeo_jax.data import BatchConfig, TokenizedExample, epoch_batches
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenSelection:
-    """How tokens are chosen: padding is never kept; BOS (position 0) only if `exclude_bos` is False;
-    with `token_budget`, a uniform sample of that many tokens of the split (seeded, without replacement)."""
-
-    exclude_bos: bool = True
-    token_budget: int | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.token_budget is not None and self.token_budget < 1:
-            raise ValueError(f"TokenSelection.token_budget={self.token_budget}: must be >= 1 or None")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -62,7 +49,7 @@ class SplitPlan:
         return {k: np.concatenate(v) if v else empty for k, v in fields.items()}
 
 
-def _keep_masks(examples: Sequence[TokenizedExample], selection: TokenSelection, split_code: int) -> list[np.ndarray]:
+def _keep_masks(examples: Sequence[TokenizedExample], selection: ExtractConfig, split_code: int) -> list[np.ndarray]:
     keep = []
     for e in examples:
         mask = np.ones((e.length,), bool)  # [T]
@@ -75,7 +62,7 @@ def _keep_masks(examples: Sequence[TokenizedExample], selection: TokenSelection,
     # One draw over the split's kept tokens in (example, position) order; rows of base, every adapter
     # and every layer are these same tokens.
     chosen = np.zeros((total,), bool)
-    rng = np.random.default_rng((selection.seed, split_code))
+    rng = np.random.default_rng((selection.subsample_seed, split_code))
     chosen[rng.choice(total, size=selection.token_budget, replace=False)] = True
     start = 0
     for mask in keep:
@@ -85,17 +72,15 @@ def _keep_masks(examples: Sequence[TokenizedExample], selection: TokenSelection,
     return keep
 
 
-def plan_split(split: str, examples: Sequence[TokenizedExample], selection: TokenSelection, batch_size: int,
+def plan_split(split: str, examples: Sequence[TokenizedExample], config: ExtractConfig,
                split_code: int = 0) -> SplitPlan:
-    """Batches (length-sorted, unshuffled: consecutive records) and row offsets for one split.
-
-    `split_code` separates the subsampling draws of different splits.
-    """
+    """Batches of `config.batch_size` (length-sorted, unshuffled: consecutive records) and row offsets for one
+    split, keeping the tokens `config` selects. `split_code` separates the subsampling draws of splits."""
     examples = tuple(examples)
     if not examples:
         raise ValueError(f"split '{split}': no examples to extract")
-    keep = _keep_masks(examples, selection, split_code)
-    batches = epoch_batches([e.length for e in examples], BatchConfig(batch_size=batch_size, shuffle=False), 0)
+    keep = _keep_masks(examples, config, split_code)
+    batches = epoch_batches([e.length for e in examples], BatchConfig(batch_size=config.batch_size, shuffle=False), 0)
     counts = [sum(int(keep[i].sum()) for i in b) for b in batches]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return SplitPlan(split, examples, tuple(keep), tuple(np.asarray(b) for b in batches), offsets)

@@ -25,19 +25,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lgeo_jax._residuals import check_layers, residuals
-from lgeo_jax.config import canonical_json
-from lgeo_jax.corpus._plan import SplitPlan, TokenSelection, plan_split
+from lgeo_jax.config import to_plain
+from lgeo_jax.corpus._config import ExtractConfig
+from lgeo_jax.corpus._plan import SplitPlan, plan_split
 from lgeo_jax.corpus._stats import SplitStats
 from lgeo_jax.corpus._store import (
-    STORE_DTYPES,
     CorpusLayout,
     claim_store,
     open_corpus_arrays,
     store_url,
 )
 from lgeo_jax.data import BatchConfig, Category, TokenizedExample, collate
-from lgeo_jax.lora import LoraAdapters, prepare_adapters
+from lgeo_jax.files import json_hash
+from lgeo_jax.lora import LoraAdapters, check_layers, prepare_adapters, residuals
 from lgeo_jax.model import Gemma2
 
 PROGRESS_KEY = "corpus"
@@ -46,34 +46,12 @@ CATEGORY_NAMES = tuple(c.value for c in Category)
 
 class ProgressLog(Protocol):
     """What extraction needs from a stage: its recorded progress and an atomic way to extend it
-    (`lgeo_jax.manifest.StageRun` is one)."""
+    (`lgeo_jax.stages.StageRun` is one)."""
 
     @property
     def progress(self) -> Mapping[str, Any]: ...
 
     def update(self, **entries: Any) -> None: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class ExtractSettings:
-    """How the corpus is extracted; `activation_dtype` is the residual stream's (None: the parameters')."""
-
-    layers: tuple[int, ...]
-    selection: TokenSelection = TokenSelection()
-    store_dtype: str = "bfloat16"
-    activation_dtype: str | None = None
-    batch_size: int = 8
-    chunk_rows: int = 1024
-    max_pending: int = 2
-    pad_multiple: int = 64  # sequence lengths round up to this: few distinct shapes, few compiles
-
-    def __post_init__(self):
-        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
-        if self.store_dtype not in STORE_DTYPES:
-            raise ValueError(f"ExtractSettings.store_dtype={self.store_dtype!r}: expected one of {STORE_DTYPES}")
-        for name in ("batch_size", "chunk_rows", "max_pending", "pad_multiple"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ExtractSettings.{name}={getattr(self, name)}: must be >= 1")
 
 
 @functools.partial(jax.jit, static_argnames=("store_dtype",))
@@ -96,18 +74,20 @@ def _examples_hash(examples: Sequence[TokenizedExample]) -> str:
     return h.hexdigest()
 
 
-def corpus_identity(settings: ExtractSettings, adapter_names: Sequence[str], d_model: int,
-                    plans: Mapping[str, SplitPlan], inputs_hash: str) -> str:
-    """Hash of everything that determines the rows: settings (batch size and chunking too, since they fix
-    row offsets), adapters, tokens of every split, and the model/adapter weights (`inputs_hash`)."""
+def corpus_identity(config: ExtractConfig, activation_dtype: str | None, adapter_names: Sequence[str],
+                    d_model: int, plans: Mapping[str, SplitPlan], inputs_hash: str) -> str:
+    """Hash of everything that determines the rows: the settings (batch size and chunking too, since they fix
+    row offsets; not the store's location or the queue depth), the residual dtype, adapters, tokens of every
+    split, and the model/adapter weights (`inputs_hash`)."""
     value = {
-        "settings": {**dataclasses.asdict(settings), "max_pending": None},  # the queue depth never changes rows
+        "settings": {**to_plain(config), "store": None, "max_pending": None},
+        "activation_dtype": activation_dtype,
         "adapters": list(adapter_names),
         "d_model": d_model,
         "splits": {s: {"tokens": _examples_hash(p.examples), "rows": p.n_rows} for s, p in plans.items()},
         "inputs": inputs_hash,
     }
-    return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:32]
+    return json_hash(value, digits=32)
 
 
 @dataclasses.dataclass
@@ -122,31 +102,32 @@ class _Pending:
 
 def extract_corpus(model: Gemma2, adapters: Sequence[LoraAdapters], adapter_names: Sequence[str],
                    splits: Mapping[str, Sequence[TokenizedExample]], categories: Mapping[str, Sequence[int]],
-                   store: str, settings: ExtractSettings, log: ProgressLog, *,
+                   store: str, config: ExtractConfig, log: ProgressLog, *, activation_dtype: str | None = None,
                    inputs_hash: str = "") -> tuple[CorpusLayout, dict[str, SplitStats]]:
     """Writes (or resumes writing) the corpus of `splits` into `store`; returns its layout and statistics.
 
-    `categories[split][i]` is the category code (index into `Category`) of `splits[split][i]`. Progress
-    goes to `log` (the stage manifest); a log whose progress names another corpus is refused.
+    `categories[split][i]` is the category code (index into `Category`) of `splits[split][i]`; the residual
+    stream runs in `activation_dtype` (None: the parameters'). Progress goes to `log` (the stage manifest); a
+    log whose progress names another corpus is refused.
     """
     adapters, adapter_names = list(adapters), tuple(adapter_names)
     n_adapters = sum(len(a) for a in adapters)
     if n_adapters != len(adapter_names):
         raise ValueError(f"extract_corpus: {n_adapters} adapters (stacks count one per adapter) but "
                          f"{len(adapter_names)} names {adapter_names}")
-    check_layers(settings.layers, model.config.n_layers)
+    check_layers(config.layers, model.config.n_layers)
     stack = prepare_adapters(adapters, model.config)  # stacked and padded once, not per batch
     plans = {}
     for code, (split, examples) in enumerate(splits.items()):
         if len(categories[split]) != len(examples):
             raise ValueError(f"split '{split}': {len(categories[split])} categories for {len(examples)} examples")
-        plans[split] = plan_split(split, examples, settings.selection, settings.batch_size, split_code=code)
+        plans[split] = plan_split(split, examples, config, split_code=code)
     d_model = model.config.d_model
     layout = CorpusLayout(
-        d_model=d_model, layers=settings.layers, adapters=adapter_names,
-        split_rows={s: p.n_rows for s, p in plans.items()}, store_dtype=settings.store_dtype,
-        chunk_rows=settings.chunk_rows, categories=CATEGORY_NAMES,
-        identity=corpus_identity(settings, adapter_names, d_model, plans, inputs_hash))
+        d_model=d_model, layers=config.layers, adapters=adapter_names,
+        split_rows={s: p.n_rows for s, p in plans.items()}, store_dtype=config.store_dtype.value,
+        chunk_rows=config.chunk_rows, categories=CATEGORY_NAMES,
+        identity=corpus_identity(config, activation_dtype, adapter_names, d_model, plans, inputs_hash))
     n_arrays, n_layers = len(layout.names), len(layout.layers)
 
     recorded = log.progress.get(PROGRESS_KEY)
@@ -168,7 +149,7 @@ def extract_corpus(model: Gemma2, adapters: Sequence[LoraAdapters], adapter_name
         meta = plan.metadata(categories[split])
         for name, values in meta.items():
             arrays[(split, "meta", name)].write(values).result()
-    collate_cfg = BatchConfig(batch_size=settings.batch_size, shuffle=False, pad_multiple=settings.pad_multiple)
+    collate_cfg = BatchConfig(batch_size=config.batch_size, shuffle=False, pad_multiple=config.pad_multiple)
 
     def dispatch(split: str, b: int):
         plan = plans[split]
@@ -176,9 +157,9 @@ def extract_corpus(model: Gemma2, adapters: Sequence[LoraAdapters], adapter_name
         keep = np.zeros(batch.input_ids.shape, bool)  # [B, T]
         for row, i in enumerate(plan.batches[b]):
             keep[row, : plan.examples[i].length] = plan.keep[i]
-        res = residuals(model, batch.input_ids, layers=settings.layers, adapters=() if stack is None else stack,
-                        attention_mask=batch.attention_mask, dtype=settings.activation_dtype)  # [A, C, B, T, D]
-        out = _rows_and_sums(res, keep, store_dtype=settings.store_dtype)
+        res = residuals(model, batch.input_ids, layers=config.layers, adapters=() if stack is None else stack,
+                        attention_mask=batch.attention_mask, dtype=activation_dtype)  # [A, C, B, T, D]
+        out = _rows_and_sums(res, keep, store_dtype=config.store_dtype.value)
         for x in out:
             x.copy_to_host_async()
         return split, b, keep, out
@@ -213,7 +194,7 @@ def extract_corpus(model: Gemma2, adapters: Sequence[LoraAdapters], adapter_name
             if in_flight is not None:
                 pending.append(issue_writes(*in_flight))
             in_flight = nxt
-            while len(pending) > settings.max_pending:
+            while len(pending) > config.max_pending:
                 commit(pending.popleft())
     if in_flight is not None:
         pending.append(issue_writes(*in_flight))

@@ -3,8 +3,8 @@
 Typical use::
 
     records = load_alpaca("alpaca_data.json", sha256=ALPACA_DATA_SHA256)
-    splits = SplitConfig()
-    train = tokenize_split(records, tokenizer, splits, "train", TokenizeConfig(max_length=512))
+    config = DataConfig(max_length=512)                  # the `data` section of a study config
+    train = tokenize_split(records, tokenizer, config, "train")
     for batch in iterate_batches(train, BatchConfig(batch_size=8), start_step=resume_step): ...
 """
 
@@ -34,16 +34,13 @@ from lgeo_jax.data._categories import (
     categorize_records,
     category_counts,
 )
+from lgeo_jax.data._config import BUILTIN_DATA, SPLIT_NAMES, DataConfig, LossOn, Overflow, select_split
 from lgeo_jax.data._default import DEFAULT_SYNTHETIC_RECORDS, SyntheticDataset, write_synthetic_dataset
 from lgeo_jax.data._records import PROMPT_INPUT, PROMPT_NO_INPUT, AlpacaRecord, format_prompt
-from lgeo_jax.data._splits import SPLIT_NAMES, SplitConfig, select_split
 from lgeo_jax.data._synthetic import generate_records, synthetic_category
 from lgeo_jax.data._tokenize import (
     IGNORE_INDEX,
     LengthStats,
-    LossOn,
-    Overflow,
-    TokenizeConfig,
     TokenizedExample,
     length_stats,
     tokenize_records,
@@ -59,6 +56,7 @@ from lgeo_jax.data._tokenizer import (
 __all__ = [
     "ALPACA_DATA_SHA256",
     "ALPACA_HUB_ID",
+    "BUILTIN_DATA",
     "CATEGORY_RULES",
     "DEFAULT_SYNTHETIC_RECORDS",
     "FALLBACK_CATEGORY",
@@ -71,12 +69,11 @@ __all__ = [
     "Batch",
     "BatchConfig",
     "Category",
+    "DataConfig",
     "LengthStats",
     "LossOn",
     "Overflow",
-    "SplitConfig",
     "SyntheticDataset",
-    "TokenizeConfig",
     "TokenizedExample",
     "build_bpe_tokenizer",
     "categorize",

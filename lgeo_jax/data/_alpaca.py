@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from lgeo_jax.data._records import AlpacaRecord
+from lgeo_jax.files import atomic_write_text
 
 ALPACA_HUB_ID = "tatsu-lab/alpaca"
 # sha256 of the full stanford_alpaca ``alpaca_data.json`` (52,002 records, 22,773,992 bytes).
@@ -97,5 +98,5 @@ def save_alpaca_json(records: Iterable[AlpacaRecord], path: str | Path) -> Path:
     """Write records as an ``alpaca_data.json``-style JSON list that :func:`load_alpaca` reads back."""
     rows = [{"instruction": r.instruction, "input": r.input, "output": r.output} for r in records]
     path = Path(path)
-    path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+    atomic_write_text(path, json.dumps(rows, ensure_ascii=False, indent=1))
     return path

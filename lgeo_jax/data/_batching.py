@@ -103,7 +103,7 @@ def padded_length(longest: int, config: BatchConfig) -> int:
                 return boundary
         raise ValueError(
             f"a batch row has {longest} tokens, above the largest bucket boundary "
-            f"{config.bucket_boundaries[-1]}; add a boundary >= TokenizeConfig.max_length"
+            f"{config.bucket_boundaries[-1]}; add a boundary >= data.max_length"
         )
     return -(-longest // config.pad_multiple) * config.pad_multiple
 

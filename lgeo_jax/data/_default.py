@@ -10,11 +10,11 @@ import dataclasses
 from pathlib import Path
 
 from lgeo_jax.data._alpaca import save_alpaca_json
-from lgeo_jax.data._splits import SplitConfig
+from lgeo_jax.data._config import DataConfig
 from lgeo_jax.data._synthetic import generate_records
 from lgeo_jax.data._tokenizer import save_synthetic_tokenizer
 
-DEFAULT_SYNTHETIC_RECORDS = SplitConfig().required_records  # 11,200: every default split fits
+DEFAULT_SYNTHETIC_RECORDS = DataConfig().required_records  # 11,200: every default split fits
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,43 +15,15 @@ convention are ``where(loss_mask, input_ids, -100)``.
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Sequence
 
 import numpy as np
 from jaxtyping import Int
 
+from lgeo_jax.data._config import DataConfig, LossOn, Overflow, select_split
 from lgeo_jax.data._records import AlpacaRecord, format_prompt
-from lgeo_jax.data._splits import SplitConfig, select_split
 
 IGNORE_INDEX = -100
-
-
-class LossOn(enum.Enum):
-    RESPONSE = "response"  # response tokens and EOS (the Alpaca recipe)
-    ALL = "all"  # every token after the first
-
-
-class Overflow(enum.Enum):
-    TRUNCATE = "truncate"  # cut from the right, as the Alpaca recipe's ``truncation=True``
-    ERROR = "error"
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenizeConfig:
-    """How records become token sequences; ``max_length`` counts BOS and EOS."""
-
-    max_length: int = 512
-    add_bos: bool = True
-    add_eos: bool = True
-    loss_on: LossOn = LossOn.RESPONSE
-    overflow: Overflow = Overflow.TRUNCATE
-
-    def __post_init__(self):
-        if self.max_length < 2:
-            raise ValueError(f"TokenizeConfig.max_length={self.max_length}: need at least 2")
-        object.__setattr__(self, "loss_on", LossOn(self.loss_on))
-        object.__setattr__(self, "overflow", Overflow(self.overflow))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -72,7 +44,7 @@ def _special_id(tokenizer, name: str) -> int:
     token_id = getattr(tokenizer, f"{name}_token_id")
     if token_id is None:
         raise ValueError(
-            f"the tokenizer has no {name} token; set TokenizeConfig.add_{name}=False or use a tokenizer "
+            f"the tokenizer has no {name} token; set data.add_{name}: false or use a tokenizer "
             f"that defines {name}_token"
         )
     return int(token_id)
@@ -81,7 +53,7 @@ def _special_id(tokenizer, name: str) -> int:
 def tokenize_records(
     records: Sequence[AlpacaRecord],
     tokenizer,
-    config: TokenizeConfig = TokenizeConfig(),
+    config: DataConfig,
     indices: Sequence[int] | None = None,
 ) -> list[TokenizedExample]:
     """Tokenise ``records`` with a transformers tokenizer (batch encoding of prompts and responses).
@@ -110,7 +82,7 @@ def tokenize_records(
         if truncated and config.overflow is Overflow.ERROR:
             raise ValueError(
                 f"record {index}: {ids.shape[0]} tokens ({len(head)} prompt, {len(tail)} response) exceed "
-                f"TokenizeConfig.max_length={config.max_length}; raise max_length or use overflow='truncate'"
+                f"data.max_length={config.max_length}; raise max_length or use overflow='truncate'"
             )
         examples.append(TokenizedExample(ids[: config.max_length], loss_mask[: config.max_length], index, truncated))
     return examples
@@ -119,12 +91,11 @@ def tokenize_records(
 def tokenize_split(
     records: Sequence[AlpacaRecord],
     tokenizer,
-    splits: SplitConfig,
+    config: DataConfig,
     name: str,
-    config: TokenizeConfig = TokenizeConfig(),
 ) -> list[TokenizedExample]:
     """Tokenise split ``name`` of the full record list, keeping each example's dataset index."""
-    return tokenize_records(select_split(records, splits, name), tokenizer, config, splits.indices(name))
+    return tokenize_records(select_split(records, config, name), tokenizer, config, config.indices(name))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from lgeo_jax.data._records import AlpacaRecord, format_prompt
+from lgeo_jax.files import atomic_directory
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")  # ids 0, 1, 2, 3 as in Gemma
 _MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # specials + the byte alphabet
@@ -51,5 +52,6 @@ def save_synthetic_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Train on ``records`` (see :func:`record_texts`) and save to ``out_dir`` for ``AutoTokenizer``."""
     tokenizer = build_bpe_tokenizer(record_texts(records), vocab_size=vocab_size)
-    tokenizer.save_pretrained(str(out_dir))
+    with atomic_directory(out_dir, overwrite=True) as tmp:
+        tokenizer.save_pretrained(str(tmp))
     return tokenizer

@@ -1,4 +1,5 @@
-"""Functional multi-adapter LoRA over the Gemma-2 model, and PEFT import/export."""
+"""Functional multi-adapter LoRA over the Gemma-2 model: the base and every adapter's residual streams from one
+jitted pass (`residuals`), the `lora` config section, and PEFT import/export."""
 
 from lgeo_jax.lora._adapters import (
     DEFAULT_TARGETS,
@@ -13,9 +14,12 @@ from lgeo_jax.lora._adapters import (
     stacked_lora,
     target_dims,
 )
+from lgeo_jax.lora._config import LoraConfig
 from lgeo_jax.lora._peft import load_adapter, save_adapter
+from lgeo_jax.lora._residuals import check_layers, residuals
 
 __all__ = [
-    "DEFAULT_TARGETS", "PEFT_NAMES", "TARGETS", "AdapterSpec", "LoraAdapters", "concat_adapters", "init_adapters",
-    "load_adapter", "pad_layers", "prepare_adapters", "save_adapter", "stacked_lora", "target_dims",
+    "DEFAULT_TARGETS", "PEFT_NAMES", "TARGETS", "AdapterSpec", "LoraAdapters", "LoraConfig", "check_layers",
+    "concat_adapters", "init_adapters", "load_adapter", "pad_layers", "prepare_adapters", "residuals", "save_adapter",
+    "stacked_lora", "target_dims",
 ]

@@ -11,13 +11,26 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lgeo_jax.config import (
+    Problem,
+    Section,
+    at_least,
+    cross_check,
+    each,
+    field,
+    greater,
+    in_range,
+    nonempty_distinct,
+    one_of,
+    section,
+)
 from lgeo_jax.model import Gemma2Config, LoraFactors
 
 # Our target name -> (PEFT module path inside a decoder layer, in features, out features).
@@ -32,6 +45,7 @@ TARGETS: dict[str, tuple[str, callable, callable]] = {
 }
 DEFAULT_TARGETS = ("q", "k", "v", "o")
 PEFT_NAMES = {name: path.split(".")[-1] for name, (path, _, _) in TARGETS.items()}  # "q" -> "q_proj"
+TARGET_NAMES = (*TARGETS, *PEFT_NAMES.values())  # what a config may say
 
 
 def normalize_targets(targets: Sequence[str]) -> tuple[str, ...]:
@@ -60,31 +74,34 @@ def _pattern_value(pattern: tuple[tuple[str, float], ...], name: str, default: f
     return default
 
 
-@dataclasses.dataclass(frozen=True)
-class AdapterSpec:
+@section
+class AdapterSpec(Section):
     """One adapter's hyperparameters: PEFT's LoraConfig fields that matter for the forward pass.
 
     rank_pattern / alpha_pattern: (module-name regex, value) pairs overriding r / alpha per module, matched as
-    PEFT does; layers: the transformed layers (PEFT's layers_to_transform), None = all.
+    PEFT does; layers: the transformed layers (PEFT's layers_to_transform), None = all. Targets may be our
+    names ("q") or PEFT's ("q_proj").
     """
 
-    rank: int
-    alpha: float
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    use_rslora: bool = False
-    dropout: float = 0.0
-    rank_pattern: tuple[tuple[str, int], ...] = ()
-    alpha_pattern: tuple[tuple[str, float], ...] = ()
-    layers: tuple[int, ...] | None = None
-    name: str = "adapter"
+    rank: int = field(check=greater(0))
+    alpha: float = field(check=greater(0))
+    targets: tuple[str, ...] = field(DEFAULT_TARGETS, check=nonempty_distinct(one_of(TARGET_NAMES, "module")))
+    use_rslora: bool = field(False)
+    dropout: float = field(0.0, check=in_range(0.0, 1.0, hi_open=True))
+    rank_pattern: tuple[tuple[str, int], ...] = field(())
+    alpha_pattern: tuple[tuple[str, float], ...] = field(())
+    layers: tuple[int, ...] | None = field(None, check=each(at_least(0)))
+    name: str = field("adapter")
 
     def __post_init__(self):
-        ranks = [self.rank] + [r for _, r in self.rank_pattern]
-        if min(ranks) <= 0:
-            raise ValueError(f"adapter {self.name!r}: rank must be > 0, got {min(ranks)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"adapter {self.name!r}: dropout must be in [0, 1), got {self.dropout}")
+        super().__post_init__()
         object.__setattr__(self, "targets", normalize_targets(self.targets))
+
+    @cross_check("rank_pattern")
+    def _pattern_ranks(self) -> Iterator[Problem]:
+        for i, (key, r) in enumerate(self.rank_pattern):
+            if r <= 0:
+                yield Problem(f"rank_pattern[{i}]", f"rank for {key!r} must be > 0, got {r}")
 
     @property
     def max_rank(self) -> int:

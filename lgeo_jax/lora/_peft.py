@@ -7,7 +7,6 @@ alpha_pattern. Exports load in `peft.PeftModel.from_pretrained` unchanged.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -15,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lgeo_jax._files import read_json
+from lgeo_jax.config import ConfigError
+from lgeo_jax.files import atomic_write_json, read_json
 from lgeo_jax.lora._adapters import (
     PEFT_NAMES,
     TARGETS,
@@ -26,7 +26,7 @@ from lgeo_jax.lora._adapters import (
     rank_mask_and_scale,
 )
 from lgeo_jax.model import Gemma2Config
-from lgeo_jax.model._checkpoint import SafetensorsFile
+from lgeo_jax.safetensors_io import SafetensorsFile, write_safetensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -42,6 +42,8 @@ _UNSUPPORTED = {
 def _read_config(path: str) -> dict:
     cfg_path = os.path.join(path, CONFIG_FILE)
     cfg = read_json(cfg_path, needed_by="a PEFT LoRA directory")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object (a PEFT LoraConfig), got {type(cfg).__name__}")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only plain LoRA ('LORA') is supported")
     for field, allowed in _UNSUPPORTED.items():
@@ -72,6 +74,25 @@ def _targets_from_config(cfg: dict, cfg_path: str) -> tuple[str, ...]:
         raise ValueError(f"{cfg_path}: target_modules: {e}") from e
 
 
+def _spec_from_config(cfg: dict, cfg_path: str, targets: tuple[str, ...], name: str) -> AdapterSpec:
+    """The adapter's spec, every field validated by `AdapterSpec` itself; errors name the file and PEFT field."""
+    patterns = {}
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = cfg.get(key) or {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{cfg_path}: {key} must be an object of module pattern -> value, got {value!r}")
+        patterns[key] = tuple(value.items())
+    layers = cfg.get("layers_to_transform")
+    peft_field = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "layers": "layers_to_transform"}
+    try:
+        return AdapterSpec(rank=cfg["r"], alpha=cfg["lora_alpha"], targets=targets,
+                           use_rslora=cfg.get("use_rslora", False), dropout=cfg.get("lora_dropout") or 0.0,
+                           layers=[layers] if isinstance(layers, int) else layers, name=name, **patterns)
+    except ConfigError as e:
+        problems = "; ".join(f"{peft_field.get(p.path.split('[')[0], p.path)}: {p.message}" for p in e.problems)
+        raise ValueError(f"{cfg_path}: {problems}") from e
+
+
 def load_adapter(path: str | os.PathLike, *, config: Gemma2Config | None = None,
                  name: str | None = None) -> LoraAdapters:
     """Reads a PEFT LoRA directory as a one-adapter `LoraAdapters` (float32 factors).
@@ -89,14 +110,7 @@ def load_adapter(path: str | os.PathLike, *, config: Gemma2Config | None = None,
         raise FileNotFoundError(f"{w_path}: missing{hint}")
     weights = SafetensorsFile(w_path)
     targets = _targets_from_config(cfg, cfg_path)
-    layers = cfg.get("layers_to_transform")
-    spec = AdapterSpec(
-        rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), targets=targets,
-        use_rslora=bool(cfg.get("use_rslora", False)), dropout=float(cfg.get("lora_dropout") or 0.0),
-        rank_pattern=tuple((k, int(v)) for k, v in (cfg.get("rank_pattern") or {}).items()),
-        alpha_pattern=tuple((k, float(v)) for k, v in (cfg.get("alpha_pattern") or {}).items()),
-        layers=None if layers is None else tuple([layers] if isinstance(layers, int) else layers),
-        name=name or os.path.basename(os.path.normpath(path)))
+    spec = _spec_from_config(cfg, cfg_path, targets, name or os.path.basename(os.path.normpath(path)))
 
     found: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     by_peft = {v: k for k, v in PEFT_NAMES.items()}
@@ -137,6 +151,9 @@ def load_adapter(path: str | os.PathLike, *, config: Gemma2Config | None = None,
                 missing = "B" if "A" in pair else "A"
                 raise ValueError(f"{w_path}: missing key {prefix}.lora_{missing}.weight")
             la, lb = pair["A"], pair["B"]
+            for part, w in (("A", la), ("B", lb)):
+                if not np.isfinite(w.astype(np.float32)).all():
+                    raise ValueError(f"{w_path}: tensor {prefix}.lora_{part}.weight contains NaN or Inf")
             if la.ndim != 2 or lb.ndim != 2 or la.shape[0] != lb.shape[1]:
                 raise ValueError(f"{w_path}: rank mismatch between {prefix}.lora_A.weight {la.shape} and "
                                  f"lora_B.weight {lb.shape} (A must be (r, in), B (out, r))")
@@ -165,8 +182,6 @@ def load_adapter(path: str | os.PathLike, *, config: Gemma2Config | None = None,
 def save_adapter(adapters: LoraAdapters, path: str | os.PathLike, *, index: int = 0,
                  base_model_name_or_path: str | None = None, dtype=np.float32) -> None:
     """Writes adapter `index` of the stack as a PEFT LoRA directory (loads in PeftModel unchanged)."""
-    from safetensors.numpy import save_file
-
     path = os.fspath(path)
     spec = adapters.specs[index]
     tensors = {}
@@ -191,6 +206,5 @@ def save_adapter(adapters: LoraAdapters, path: str | os.PathLike, *, index: int 
         "modules_to_save": None,
     }
     os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2)
+    write_safetensors(os.path.join(path, WEIGHTS_FILE), tensors, metadata={"format": "pt"})
+    atomic_write_json(os.path.join(path, CONFIG_FILE), config)

@@ -8,76 +8,28 @@ the map straight to its target sharding. Stacked layer weights are filled one la
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import struct
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from lgeo_jax.files import atomic_write_json, read_json
 from lgeo_jax.model._config import Gemma2Config
 from lgeo_jax.model._transformer import Gemma2, abstract_model
+from lgeo_jax.safetensors_io import SafetensorsFile, write_safetensors
 from lgeo_jax.sharding import DEFAULT_RULES, LogicalAxisRules
 
-_ST_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the file and tensor."""
-
-
-class SafetensorsFile:
-    """A memory-mapped safetensors file whose header has been validated against the file size."""
-
-    def __init__(self, path: str):
-        self.path = path
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", head)
-            if 8 + n > size:
-                raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes, file {size})")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
-        self.metadata = header.pop("__metadata__", None) or {}
-        self._data_start = 8 + n
-        self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        for name, e in header.items():
-            dtype = _ST_DTYPES.get(e.get("dtype"))
-            if dtype is None:
-                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
-            shape = tuple(int(s) for s in e["shape"])
-            start, end = (int(v) for v in e["data_offsets"])
-            if end - start != int(np.prod(shape)) * dtype.itemsize:
-                raise CheckpointError(f"{path}: tensor {name!r} byte range {start}..{end} does not match shape "
-                                      f"{shape} x {dtype}")
-            if self._data_start + end > size:
-                raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
-                                      f"{self._data_start + end} but the file has {size} bytes")
-            self.entries[name] = (dtype, shape, start, end)
-        self._map = np.memmap(path, dtype=np.uint8, mode="r") if size else None
-
-    def get(self, name: str) -> np.ndarray:
-        """A read-only view of the tensor (no copy until the caller transforms it)."""
-        dtype, shape, start, end = self.entries[name]
-        raw = self._map[self._data_start + start:self._data_start + end]
-        return raw.view(dtype).reshape(shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +98,7 @@ def _open_checkpoint(path: str, cfg: Gemma2Config) -> dict[str, SafetensorsFile]
     index_path = os.path.join(path, INDEX_FILE)
     single_path = os.path.join(path, SINGLE_FILE)
     if os.path.isfile(index_path):
-        try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path}: not a safetensors index with a 'weight_map' ({e})") from e
+        weight_map = _weight_map(index_path)
         files = {}
         for fname in sorted(set(weight_map.values())):
             fpath = os.path.join(path, fname)
@@ -184,6 +132,20 @@ def _open_checkpoint(path: str, cfg: Gemma2Config) -> dict[str, SafetensorsFile]
         raise CheckpointError(f"{where[unexpected[0]].path}: unexpected tensor(s) for Gemma-2 {unexpected[:5]}"
                               f"{' ...' if len(unexpected) > 5 else ''}; is this a Gemma-2 checkpoint?")
     return where
+
+
+def _weight_map(index_path: str) -> dict[str, str]:
+    """The index's tensor -> shard file map; every shard must be a plain file name inside the checkpoint."""
+    index = read_json(index_path, needed_by="a sharded safetensors checkpoint")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: not a safetensors index (expected an object with a 'weight_map' "
+                              f"object of tensor name -> shard file)")
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str) or os.path.basename(fname) != fname or fname in ("", ".", ".."):
+            raise CheckpointError(f"{index_path}: weight_map[{name!r}] = {fname!r} is not a file name inside the "
+                                  "checkpoint directory")
+    return weight_map
 
 
 def _target_sharding(logical_axes, shape, mesh: Mesh | None, rules: LogicalAxisRules):
@@ -274,8 +236,6 @@ def _set_layer(stacked: jax.Array, i: int, layer: jax.Array) -> jax.Array:
 def save_model(model: Gemma2, path: str | os.PathLike, *, dtype: Any = None,
                max_shard_bytes: int | None = None) -> None:
     """Writes `model` as an HF Gemma-2 checkpoint directory (config.json + safetensors, sharded if asked)."""
-    from safetensors.numpy import save_file  # the field's standard writer
-
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     cfg = model.config
@@ -293,10 +253,9 @@ def save_model(model: Gemma2, path: str | os.PathLike, *, dtype: Any = None,
             tensors[m.hf_name] = np.ascontiguousarray(m.to_hf(value, cfg))
     hf_cfg = cfg.to_hf_config()
     hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(next(iter(tensors.values())).dtype)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_cfg, f, indent=2)
+    atomic_write_json(os.path.join(path, "config.json"), hf_cfg)
     if max_shard_bytes is None:
-        save_file(tensors, os.path.join(path, SINGLE_FILE), metadata={"format": "pt"})
+        write_safetensors(os.path.join(path, SINGLE_FILE), tensors, metadata={"format": "pt"})
         return
     shards: list[dict[str, np.ndarray]] = [{}]
     for name, t in tensors.items():
@@ -306,8 +265,7 @@ def save_model(model: Gemma2, path: str | os.PathLike, *, dtype: Any = None,
     weight_map = {}
     for k, shard in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+        write_safetensors(os.path.join(path, fname), shard, metadata={"format": "pt"})
         weight_map.update({name: fname for name in shard})
     total = sum(t.nbytes for t in tensors.values())
-    with open(os.path.join(path, INDEX_FILE), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    atomic_write_json(os.path.join(path, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})

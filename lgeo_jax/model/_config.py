@@ -1,13 +1,29 @@
-"""Gemma-2 architecture configuration: one frozen dataclass, presets, and the Hugging Face mapping."""
+"""Gemma-2 configuration: the architecture (one frozen section, presets, the Hugging Face mapping), the
+built-in tiny model, and the study's `model` section."""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
 import os
+from collections.abc import Iterator
 from typing import Any
 
-from lgeo_jax._files import read_json
+from lgeo_jax.config import (
+    REQUIRED,
+    DType,
+    Problem,
+    Section,
+    at_least,
+    cross_check,
+    default_of,
+    field,
+    greater,
+    section,
+)
+from lgeo_jax.files import read_json
+
+BUILTIN_MODEL = "builtin:tiny"
 
 
 class AttentionType(enum.Enum):
@@ -17,48 +33,49 @@ class AttentionType(enum.Enum):
     GLOBAL = "full_attention"
 
 
-@dataclasses.dataclass(frozen=True)
-class Gemma2Config:
+@section
+class Gemma2Config(Section):
     """Everything that determines a Gemma-2 model's shapes and numerics.
 
-    The layer count is derived from `layer_types`, so a config cannot disagree with itself.
+    `layer_types` is the per-layer attention pattern (default: Gemma-2's alternation, sliding on even
+    layers); `n_layers` is derived from it when not given, and checked against it when both are.
     """
 
-    vocab_size: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    mlp_dim: int
-    layer_types: tuple[AttentionType, ...]
-    sliding_window: int = 4096
-    query_pre_attn_scalar: float = 256.0
-    attn_logit_softcap: float | None = 50.0
-    final_logit_softcap: float | None = 30.0
-    rms_eps: float = 1e-6
-    rope_base: float = 10_000.0
-    max_position_embeddings: int = 8192
+    vocab_size: int = field(check=greater(0))
+    d_model: int = field(check=greater(0))
+    n_heads: int = field(check=greater(0))
+    n_kv_heads: int = field(check=greater(0))
+    head_dim: int = field(check=greater(0))
+    mlp_dim: int = field(check=greater(0))
+    layer_types: tuple[AttentionType, ...] | None = field(None)
+    n_layers: int = field(check=greater(0), derived=lambda c: REQUIRED if c.layer_types is None else len(c.layer_types))
+    sliding_window: int = field(4096, check=greater(0))
+    query_pre_attn_scalar: float = field(check=greater(0), derived=lambda c: float(c.head_dim))
+    attn_logit_softcap: float | None = field(50.0, check=greater(0))
+    final_logit_softcap: float | None = field(30.0, check=greater(0))
+    rms_eps: float = field(1e-6, check=greater(0))
+    rope_base: float = field(10_000.0, check=greater(0))
+    max_position_embeddings: int = field(8192, check=greater(0))
 
     def __post_init__(self):
-        problems = []
-        for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "sliding_window"):
-            if int(getattr(self, name)) <= 0:
-                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
-            problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if self.head_dim % 2:
-            problems.append(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if not self.layer_types:
-            problems.append("layer_types is empty: a model needs at least one layer")
-        if self.query_pre_attn_scalar <= 0:
-            problems.append(f"query_pre_attn_scalar must be > 0, got {self.query_pre_attn_scalar}")
-        if problems:
-            raise ValueError("invalid Gemma2Config: " + "; ".join(problems))
-        object.__setattr__(self, "layer_types", tuple(AttentionType(t) for t in self.layer_types))
+        super().__post_init__()
+        if self.layer_types is None:
+            object.__setattr__(self, "layer_types", alternating_layer_types(self.n_layers))
 
-    @property
-    def n_layers(self) -> int:
-        return len(self.layer_types)
+    @cross_check("n_heads", "n_kv_heads")
+    def _gqa(self) -> Iterator[Problem]:
+        if self.n_heads % self.n_kv_heads:
+            yield Problem("n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
+
+    @cross_check("head_dim")
+    def _rope(self) -> Iterator[Problem]:
+        if self.head_dim % 2:
+            yield Problem("head_dim", f"must be even for RoPE, got {self.head_dim}")
+
+    @cross_check("layer_types", "n_layers")
+    def _pattern(self) -> Iterator[Problem]:
+        if self.layer_types is not None and len(self.layer_types) != self.n_layers:
+            yield Problem("layer_types", f"has {len(self.layer_types)} entries but n_layers is {self.n_layers}")
 
     @property
     def n_groups(self) -> int:
@@ -89,6 +106,8 @@ class Gemma2Config:
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], *, source: str = "config.json") -> Gemma2Config:
         """Builds a config from a transformers Gemma-2 `config.json` dict (old and new field spellings)."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"{source}: expected a JSON object (a transformers config), got {type(hf).__name__}")
         model_type = hf.get("model_type")
         archs = hf.get("architectures") or []
         if model_type != "gemma2":
@@ -166,6 +185,81 @@ class Gemma2Config:
                 "eos_token_id": 1,
                 "bos_token_id": 2,
         }
+
+
+@section
+class BuiltinModelConfig(Gemma2Config):
+    """The embedded tiny Gemma-2 that `lgeo` builds and pretrains itself (the offline default): a
+    `Gemma2Config` with tiny defaults, the tokenizer's vocabulary (`vocab_size: null`), and how to
+    pretrain it (`lgeo_jax.train.pretrain_base` reads the `pretrain_*` fields)."""
+
+    vocab_size: int | None = default_of(Gemma2Config, "vocab_size", None)  # None: the tokenizer's
+    d_model: int = default_of(Gemma2Config, "d_model", 64)
+    n_heads: int = default_of(Gemma2Config, "n_heads", 4)
+    n_kv_heads: int = default_of(Gemma2Config, "n_kv_heads", 2)
+    head_dim: int = default_of(Gemma2Config, "head_dim", 16)
+    mlp_dim: int = default_of(Gemma2Config, "mlp_dim", 256)
+    n_layers: int = default_of(Gemma2Config, "n_layers", 6)
+    sliding_window: int = default_of(Gemma2Config, "sliding_window", 64)
+    pretrain_steps: int = field(300, check=at_least(0))
+    pretrain_lr: float = field(3e-3, check=greater(0))
+    pretrain_batch_size: int = field(16, check=greater(0))
+    seed: int = field(0, check=at_least(0))
+
+    def with_vocab(self, vocab_size: int) -> BuiltinModelConfig:
+        """This architecture with the tokenizer's vocabulary where the config leaves it unset."""
+        return self if self.vocab_size is not None else dataclasses.replace(self, vocab_size=vocab_size)
+
+
+@section
+class ModelConfig(Section):
+    """The `model` section: a local Hugging Face Gemma-2 directory, or `builtin:tiny`.
+
+    `n_layers` / `d_model` declare a checkpoint's shape so layer choices and sizes validate before the
+    checkpoint is downloaded; the study's path check compares them with its config.json.
+    """
+
+    checkpoint: str = field(REQUIRED)
+    dtype: DType | None = field(None)  # parameters; None: the checkpoint's (bf16 for real Gemma-2)
+    activation_dtype: DType | None = field(None)  # residual stream; float32 keeps small deltas exact
+    n_layers: int | None = field(None, check=greater(0))
+    d_model: int | None = field(None, check=greater(0))
+    builtin: BuiltinModelConfig | None = field(derived=lambda m: BuiltinModelConfig() if m.is_builtin else None)
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.checkpoint == BUILTIN_MODEL
+
+    @property
+    def param_dtype(self) -> str | None:
+        """The dtype name to load parameters in (`load_model(dtype=...)`); None keeps the checkpoint's."""
+        return None if self.dtype is None else self.dtype.value
+
+    @property
+    def residual_dtype(self) -> str | None:
+        """The residual stream's dtype name (`residuals(dtype=...)`); None: the parameters'."""
+        return None if self.activation_dtype is None else self.activation_dtype.value
+
+    @property
+    def known_n_layers(self) -> int | None:
+        return self.builtin.n_layers if self.builtin is not None else self.n_layers
+
+    @property
+    def known_d_model(self) -> int | None:
+        return self.builtin.d_model if self.builtin is not None else self.d_model
+
+    @cross_check("checkpoint", "n_layers", "d_model", "builtin")
+    def _builtin_or_checkpoint(self) -> Iterator[Problem]:
+        if not self.checkpoint:
+            yield Problem("checkpoint", f"expected a checkpoint directory or '{BUILTIN_MODEL}', got ''")
+        if self.is_builtin:
+            for name in ("n_layers", "d_model"):
+                if getattr(self, name) is not None:
+                    yield Problem(name, f"set it under model.builtin for '{BUILTIN_MODEL}', not here")
+        elif self.builtin is not None:
+            yield Problem(
+                "builtin", f"only used with checkpoint '{BUILTIN_MODEL}'; remove it or set checkpoint: {BUILTIN_MODEL}"
+            )
 
 
 def alternating_layer_types(n_layers: int) -> tuple[AttentionType, ...]:

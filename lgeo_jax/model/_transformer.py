@@ -25,6 +25,9 @@ class Gemma2(nnx.Module):
     """
 
     def __init__(self, cfg: Gemma2Config, *, param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        if cfg.vocab_size is None:
+            raise ValueError("Gemma2: vocab_size is unset (the built-in model takes the tokenizer's: "
+                             "`BuiltinModelConfig.with_vocab(len(tokenizer))`)")
         self.config = cfg
         self.embed = nnx.Param(_INIT(rngs.params(), (cfg.vocab_size, cfg.d_model), param_dtype),
                                logical_axes=("vocab", "embed"))
@@ -94,13 +97,15 @@ class Gemma2(nnx.Module):
                  lora: StackedLora | None = None, n_adapters: int = 1, dtype: jnp.dtype | None = None,
                  remat: bool = False) -> jax.Array:
         """Logits [A, B, T, V] float32 for the base (A=1) or base plus adapters stacked in `lora`."""
-        x, positions, valid = self._prepare(input_ids, attention_mask, n_adapters, dtype)
+        x, positions, valid = self.prepare_inputs(input_ids, attention_mask, n_adapters, dtype)
         x, _ = self.run_blocks(x, positions, valid, n_layers=self.config.n_layers, lora=lora, remat=remat)
         out = self.logits(x)
         return out.reshape(n_adapters, -1, *out.shape[1:])
 
-    def _prepare(self, input_ids, attention_mask, n_adapters, dtype):
-        """Embeds once, then tiles embedding, positions and validity over the adapter axis: [A*B, ...]."""
+    def prepare_inputs(self, input_ids: jax.Array, attention_mask: jax.Array | None, n_adapters: int,
+                       dtype: jnp.dtype | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Embeds once, then tiles embedding, positions and validity over the adapter axis: [A*B, ...]
+        (the inputs of `run_blocks` for the base and `n_adapters - 1` adapters in one pass)."""
         dtype = jnp.dtype(dtype or self.embed[...].dtype)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)

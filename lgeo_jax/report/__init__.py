@@ -3,12 +3,13 @@
 
 Typical use (the `report` stage does this)::
 
-    names = write_report(results, arrays_by_layer, out_dir, title="lgeo tiny", with_paper=True, plots=True)
+    names = write_report(results, arrays_by_layer, out_dir, ReportConfig(title="lgeo tiny"))
 """
 
+from lgeo_jax.report._config import PlotFormat, ReportConfig
 from lgeo_jax.report._figures import figure_rows, paper_value, rows_to_csv
 from lgeo_jax.report._markdown import render_markdown
 from lgeo_jax.report._write import FIGURES_CSV, FIGURES_JSON, REPORT_FILE, write_report
 
-__all__ = ["FIGURES_CSV", "FIGURES_JSON", "REPORT_FILE", "figure_rows", "paper_value", "render_markdown",
-           "rows_to_csv", "write_report"]
+__all__ = ["FIGURES_CSV", "FIGURES_JSON", "REPORT_FILE", "PlotFormat", "ReportConfig", "figure_rows", "paper_value",
+           "render_markdown", "rows_to_csv", "write_report"]

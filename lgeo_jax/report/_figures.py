@@ -73,11 +73,13 @@ def figure_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     sweep = results.get("table12")
     if sweep:
         for row in sweep["rows"]:
+            # the paper states its coefficients for the post-normalisation arm only
+            paper_l0 = next((p["l0"] for p in paper.TABLE12_SWEEP if abs(p["l1"] - row["l1"]) < 1e-12), None)
             for metric in ("l0", "fvu", "heldout_rel_l2", "heldout_fvu", "selected"):
-                paper_l0 = next((p["l0"] for p in paper.TABLE12_SWEEP if abs(p["l1"] - row["l1"]) < 1e-12), None)
                 rows.append({"table": "table12", "adapter": sweep["adapter"], "rank": rank_of.get(sweep["adapter"]),
-                             "layer": sweep["layer"], "metric": f"l1={row['l1']:g}.{metric}", "value": row[metric],
-                             "paper": paper_l0 if metric == "l0" else None})
+                             "layer": sweep["layer"], "metric": f"{sweep['arm']}.l1={row['l1']:g}.{metric}",
+                             "value": row[metric],
+                             "paper": paper_l0 if metric == "l0" and sweep["arm"] == "post_norm" else None})
     return rows
 
 

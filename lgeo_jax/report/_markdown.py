@@ -198,12 +198,19 @@ def _table12(results: Mapping[str, Any], with_paper: bool) -> str:
         return "Not run (`sae.l1_sweep` is empty)."
     rows = [[fmt(r["l1"], 3), fmt(r["l0"], 1), fmt(r["heldout_rel_l2"]), fmt(r["heldout_fvu"]), fmt(r["fvu"]),
              fmt(r["selected"])] for r in sweep["rows"]]
-    out = (f"Adapter {sweep['adapter']}, layer {sweep['layer']}; selected L1 {sweep['selected_l1']:g}.\n\n"
+    pre = sweep["arm"] == "pre_norm"
+    arm = ("pre-normalisation arm (`sae.normalize: none`: the SAEs saw raw activations)" if pre else
+           "post-normalisation arm (`sae.normalize: rms`: the SAEs saw x / s)")
+    out = (f"Adapter {sweep['adapter']}, layer {sweep['layer']}, {arm}; selected L1 {sweep['selected_l1']:g}.\n\n"
            + table(["L1", "L0", "held-out rel_l2", "held-out fvu", "train fvu", "selected"], rows))
     if with_paper:
-        out += "\n\nPaper (layer 5, rank 4): " + "; ".join(
-            f"L1 {p['l1']} -> L0 {p['l0']}" + (" (selected)" if p["selected"] else "") for p in paper.TABLE12_SWEEP)
-        out += "; pre-normalisation coefficients gave L0 " + " / ".join(f"{v:g}" for v in paper.TABLE12_PRE_NORM_L0)
+        post = "; ".join(f"L1 {p['l1']} -> L0 {p['l0']}" + (" (selected)" if p["selected"] else "")
+                         for p in paper.TABLE12_SWEEP)
+        pre_l0 = " / ".join(f"{v:g}" for v in paper.TABLE12_PRE_NORM_L0)
+        out += (f"\n\nPaper (layer 5, rank 4), pre-normalisation coefficients: L0 {pre_l0} (coefficients not "
+                f"stated); post-normalisation: {post}." if pre else
+                f"\n\nPaper (layer 5, rank 4), post-normalisation: {post}; pre-normalisation coefficients gave L0 "
+                f"{pre_l0}.")
     return out
 
 

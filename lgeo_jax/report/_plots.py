@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after use("Agg"): the backend must be chosen before pyplot loads
 import numpy as np
 
+from lgeo_jax.files import atomic_save_figure
+
 HEATMAPS = (  # file stem, table, dotted path in the cell, title
     ("heatmap_table5", "table5", "direct.rel_l2", "T5: dictionary rel_l2 on delta"),
     ("heatmap_table6", "table6", None, "T6: delta-SAE rel_l2"),
@@ -40,7 +42,7 @@ def _get(record: Mapping, path: str) -> Any:
 def _save(fig, out_dir: Path, stem: str, fmt: str) -> str:
     name = f"{stem}.{fmt}"
     fig.tight_layout()
-    fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
+    atomic_save_figure(fig, out_dir / name, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return name
 

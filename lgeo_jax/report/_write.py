@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from lgeo_jax.manifest import atomic_write_json, atomic_write_text
+from lgeo_jax.files import atomic_write_json, atomic_write_text
+from lgeo_jax.report._config import ReportConfig
 from lgeo_jax.report._figures import figure_rows, rows_to_csv
 from lgeo_jax.report._markdown import render_markdown
 
@@ -17,9 +18,10 @@ FIGURES_CSV = "figures.csv"
 FIGURES_JSON = "figures.json"
 
 
-def write_report(results: Mapping[str, Any], arrays: Mapping[int, Mapping[str, np.ndarray]], out_dir: str | Path, *,
-                 title: str, with_paper: bool = True, plots: bool = True, plot_format: str = "png") -> list[str]:
-    """Writes `report.md`, `figures.csv`, `figures.json` and (with `plots`) the figures; returns the file names.
+def write_report(results: Mapping[str, Any], arrays: Mapping[int, Mapping[str, np.ndarray]], out_dir: str | Path,
+                 config: ReportConfig, *, default_title: str = "lgeo report") -> list[str]:
+    """Writes `report.md`, `figures.csv`, `figures.json` and (with `config.plots`) the figures; returns the file
+    names. The title is `config.title`, else `default_title`.
 
     `results` is the analysis stage's `results.json`; `arrays` maps layer -> its raw max-cosine / angle
     arrays (`<adapter>/<comparison>/<max_cos|max_cos_abs|angles>`).
@@ -27,13 +29,13 @@ def write_report(results: Mapping[str, Any], arrays: Mapping[int, Mapping[str, n
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_names: list[str] = []
-    if plots:
+    if config.plots:
         from lgeo_jax.report._plots import write_plots  # matplotlib only when plotting
 
-        plot_names = write_plots(results, arrays, out_dir, plot_format)
+        plot_names = write_plots(results, arrays, out_dir, config.plot_format.value)
     rows = figure_rows(results)
     atomic_write_text(out_dir / FIGURES_CSV, rows_to_csv(rows))
     atomic_write_json(out_dir / FIGURES_JSON, {"results": results, "rows": rows})
-    atomic_write_text(out_dir / REPORT_FILE, render_markdown(results, title=title, with_paper=with_paper,
-                                                             plots=plot_names))
+    atomic_write_text(out_dir / REPORT_FILE, render_markdown(results, title=config.title or default_title,
+                                                             with_paper=config.paper_tables, plots=plot_names))
     return [*plot_names, FIGURES_CSV, FIGURES_JSON, REPORT_FILE]

@@ -3,30 +3,33 @@
 from __future__ import annotations
 
 import csv
+import io
 import pathlib
 from collections.abc import Sequence
+
+from lgeo_jax.files import atomic_save_figure, atomic_write_text
 
 COLUMNS = ("step", "sae", "name", "l1_coeff", "loss", "mse", "penalty", "l1", "l0", "fvu", "dead_frac",
            "heldout_rel_l2", "heldout_rel_l2_pooled", "heldout_fvu", "heldout_l0", "tokens_per_s")
 
 
 class MetricsCSV:
-    """Append-only CSV; on resume, rows logged after the restored step are dropped so the log stays exact."""
+    """A CSV that grows by rows, rewritten atomically on every append (a kill never leaves half a row); on
+    resume, rows logged after the restored step are dropped so the log stays exact."""
 
     def __init__(self, path: pathlib.Path, resume_step: int | None):
         self.path = path
-        kept: list[dict] = []
+        self._text = io.StringIO()
+        writer = csv.DictWriter(self._text, COLUMNS, extrasaction="ignore")
+        writer.writeheader()
         if resume_step is not None and path.exists():
             with path.open() as fh:
-                kept = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
-        with path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, COLUMNS)
-            writer.writeheader()
-            writer.writerows(kept)
+                writer.writerows(r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step)
+        atomic_write_text(self.path, self._text.getvalue())
 
     def append(self, rows: Sequence[dict]) -> None:
-        with self.path.open("a", newline="") as fh:
-            csv.DictWriter(fh, COLUMNS, extrasaction="ignore").writerows(rows)
+        csv.DictWriter(self._text, COLUMNS, extrasaction="ignore").writerows(rows)
+        atomic_write_text(self.path, self._text.getvalue())
 
 
 def read_metrics(path: pathlib.Path) -> list[dict]:
@@ -59,5 +62,5 @@ def plot_metrics(csv_path: pathlib.Path, png_path: pathlib.Path) -> None:
     if len(names) <= 12:
         axes[0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    atomic_save_figure(fig, png_path, dpi=100)
     plt.close(fig)

@@ -25,7 +25,7 @@ PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 def param_names(cfg: SAEConfig) -> tuple[str, ...]:
     """Keys a parameter dict of this architecture must hold."""
-    return PARAM_NAMES + (("threshold",) if cfg.arch is Arch.JUMPRELU else ())
+    return PARAM_NAMES + (("threshold",) if cfg.architecture is Arch.JUMPRELU else ())
 
 
 def init_params(key: jax.Array, cfg: SAEConfig) -> Params:
@@ -38,23 +38,23 @@ def init_params(key: jax.Array, cfg: SAEConfig) -> Params:
     w_dec = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
     params = {"W_enc": w_dec.T, "b_enc": jnp.zeros(cfg.d_sae, jnp.float32), "W_dec": w_dec,
               "b_dec": jnp.zeros(cfg.d_in, jnp.float32)}
-    if cfg.arch is Arch.JUMPRELU:
+    if cfg.architecture is Arch.JUMPRELU:
         params["threshold"] = jnp.zeros(cfg.d_sae, jnp.float32)
     return params
 
 
 def pre_activations(params: Params, x: Float[Array, "B D"], cfg: SAEConfig) -> Float[Array, "B F"]:
     """Encoder pre-activations; ReLU/TopK subtract b_dec from the input first, JumpReLU does not."""
-    if cfg.arch is not Arch.JUMPRELU:
+    if cfg.architecture is not Arch.JUMPRELU:
         x = x - params["b_dec"]
     return jnp.einsum("bd,df->bf", x, params["W_enc"]) + params["b_enc"]  # [B, F]
 
 
 def activate(params: Params, pre: Float[Array, "B F"], cfg: SAEConfig) -> Float[Array, "B F"]:
     """Latent activations from pre-activations (the architecture's nonlinearity)."""
-    if cfg.arch is Arch.RELU:
+    if cfg.architecture is Arch.RELU:
         return jax.nn.relu(pre)
-    if cfg.arch is Arch.JUMPRELU:
+    if cfg.architecture is Arch.JUMPRELU:
         return jnp.where(pre > params["threshold"], jax.nn.relu(pre), 0.0)
     values, idx = jax.lax.top_k(pre, cfg.k)  # [B, K]
     rows = jnp.arange(pre.shape[0])[:, None]  # [B, 1]
@@ -85,7 +85,7 @@ class SAE:
     def __post_init__(self):
         missing = set(param_names(self.cfg)) - set(self.params)
         if missing:
-            raise ValueError(f"SAE params are missing {sorted(missing)} for arch {self.cfg.arch.value!r}")
+            raise ValueError(f"SAE params are missing {sorted(missing)} for arch {self.cfg.architecture.value!r}")
         d, f = self.cfg.d_in, self.cfg.d_sae
         want = {"W_enc": (d, f), "b_enc": (f,), "W_dec": (f, d), "b_dec": (d,), "threshold": (f,)}
         for name in param_names(self.cfg):

@@ -89,5 +89,5 @@ class ArraySource:
     def held_out(self, max_rows: int) -> np.ndarray:
         if self._held is None:
             raise ValueError("ArraySource: no held_out arrays were given; pass held_out=... or set "
-                             "TrainConfig.eval_rows=0")
+                             "sae.eval_rows=0")
         return np.stack([np.asarray(self._held[a][:max_rows], np.float32) for a in self.sae_to_array])  # [S, N, D]

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float
 
-from lgeo_jax.sae._config import Arch, SAEConfig, Sparsity, TrainConfig
+from lgeo_jax.optim import lr_schedule
+from lgeo_jax.sae._config import Arch, SAEConfig, SAETrainConfig, Sparsity
 from lgeo_jax.sae._models import Params, activate, decode, pre_activations
 
 
@@ -30,44 +31,34 @@ class SAEState(NamedTuple):
     scale: jax.Array  # [] RMS scale s of this SAE's data (fixed after init, kept for exact resume)
 
 
-def lr_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup to ``lr``, constant, linear decay to 0 over the last ``lr_decay_fraction`` of steps."""
-    decay_steps = int(round(cfg.lr_decay_fraction * total_steps))
-    warm = min(cfg.lr_warmup_steps, total_steps - decay_steps)
-    flat = total_steps - decay_steps - warm
-    pieces = [optax.linear_schedule(0.0, cfg.lr, warm)] if warm > 0 else []
-    pieces += [optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, 0.0, max(decay_steps, 1))]
-    boundaries = ([warm] if warm > 0 else []) + [warm + flat]
-    return optax.join_schedules(pieces, boundaries)
+def make_optimizer(cfg: SAETrainConfig, total_steps: int) -> optax.GradientTransformation:
+    schedule = lr_schedule(cfg.lr, cfg.lr_schedule, cfg.lr_warmup_steps, total_steps, cfg.decay_steps(total_steps))
+    return optax.adam(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2)
 
 
-def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    return optax.adam(lr_schedule(cfg, total_steps), b1=cfg.adam_b1, b2=cfg.adam_b2)
-
-
-def l1_ramp(cfg: TrainConfig, step: jax.Array) -> jax.Array:
+def l1_ramp(cfg: SAETrainConfig, step: jax.Array) -> jax.Array:
     """Multiplier in [0, 1] on the L1 coefficient at ``step`` (0-based)."""
     if cfg.l1_warmup_steps <= 0:
         return jnp.ones((), jnp.float32)
     return jnp.minimum(1.0, (step + 1) / cfg.l1_warmup_steps).astype(jnp.float32)
 
 
-def penalty(params: Params, f: Float[Array, "B F"], cfg: SAEConfig) -> jax.Array:
+def penalty(params: Params, f: Float[Array, "B F"], cfg: SAEConfig, sparsity: Sparsity) -> jax.Array:
     """Sparsity penalty per the loss convention above (0 for TopK)."""
-    if cfg.arch is Arch.TOPK:
+    if cfg.architecture is Arch.TOPK:
         return jnp.zeros((), jnp.float32)
-    if cfg.sparsity is Sparsity.DECODER_NORM:
+    if sparsity is Sparsity.DECODER_NORM:
         f = f * jnp.linalg.norm(params["W_dec"], axis=-1)  # [B, F]
     return jnp.mean(jnp.sum(f, axis=-1))
 
 
-def loss_fn(params: Params, x: Float[Array, "B D"], l1: jax.Array, cfg: SAEConfig):
+def loss_fn(params: Params, x: Float[Array, "B D"], l1: jax.Array, cfg: SAEConfig, sparsity: Sparsity):
     """Training loss and its parts; ``x`` in SAE units."""
     f = activate(params, pre_activations(params, x, cfg), cfg)  # [B, F]
     x_hat = decode(params, f)  # [B, D]
     sq_err = jnp.sum((x_hat - x) ** 2, axis=-1)  # [B]
     mse = jnp.mean(sq_err)
-    pen = penalty(params, f, cfg)
+    pen = penalty(params, f, cfg, sparsity)
     var = jnp.sum((x - jnp.mean(x, axis=0)) ** 2)
     aux = {"mse": mse, "penalty": pen, "l0": jnp.mean(jnp.sum(f > 0, axis=-1)),
            "fvu": jnp.sum(sq_err) / var, "fired": jnp.any(f > 0, axis=0)}
@@ -75,14 +66,15 @@ def loss_fn(params: Params, x: Float[Array, "B D"], l1: jax.Array, cfg: SAEConfi
 
 
 def train_step(state: SAEState, x: Float[Array, "B D"], l1: jax.Array, step: jax.Array,
-               sae_cfg: SAEConfig, train_cfg: TrainConfig, optimizer: optax.GradientTransformation):
+               sae_cfg: SAEConfig, train_cfg: SAETrainConfig, optimizer: optax.GradientTransformation):
     """One Adam step for one SAE; ``x`` is in original units and divided by the stored scale here."""
     x = x / state.scale
     l1_eff = l1 * l1_ramp(train_cfg, step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, x, l1_eff, sae_cfg)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, x, l1_eff, sae_cfg,
+                                                                   train_cfg.sparsity)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    if sae_cfg.arch is Arch.RELU and sae_cfg.sparsity is Sparsity.UNIT_DECODER:
+    if sae_cfg.architecture is Arch.RELU and train_cfg.sparsity is Sparsity.UNIT_DECODER:
         params["W_dec"] = params["W_dec"] / jnp.linalg.norm(params["W_dec"], axis=-1, keepdims=True)
     fired = aux.pop("fired")  # [F]
     steps_since = jnp.where(fired, 0, state.steps_since_fired + 1)
@@ -91,7 +83,7 @@ def train_step(state: SAEState, x: Float[Array, "B D"], l1: jax.Array, step: jax
 
 
 def held_out_metrics(params: Params, scale: jax.Array, x: Float[Array, "N D"], cfg: SAEConfig) -> dict:
-    """Reconstruction on held-out rows, in original units (DESIGN.md section 3 definitions)."""
+    """Reconstruction on held-out rows, in original units (docs/conventions.md definitions)."""
     f = activate(params, pre_activations(params, x / scale, cfg), cfg)  # [N, F]
     x_hat = decode(params, f) * scale  # [N, D]
     err = jnp.sum((x - x_hat) ** 2, axis=-1)  # [N]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from jax.sharding import Mesh
 
-from lgeo_jax.sae._config import SAEConfig, TrainConfig
+from lgeo_jax.sae._config import SAEConfig, SAETrainConfig
 from lgeo_jax.sae._source import ArraySource
 from lgeo_jax.sae._train import train_saes
 
@@ -27,14 +27,14 @@ class SweepPoint:
     heldout_fvu: float | None
 
 
-def l1_sweep(x: np.ndarray, l1_coeffs: Sequence[float], sae_cfg: SAEConfig, train_cfg: TrainConfig,
+def l1_sweep(x: np.ndarray, l1_coeffs: Sequence[float], sae_cfg: SAEConfig, train_cfg: SAETrainConfig,
              out_dir: str | pathlib.Path, held_out: np.ndarray | None = None, seed: int = 0,
              mesh: Mesh | None = None, progress: bool = True, plot: bool = True) -> tuple[SweepPoint, ...]:
     """Train one SAE per coefficient on the same rows ``x [N, D]`` (same seed, same batches) in one job."""
     if not l1_coeffs:
         raise ValueError("l1_sweep: give at least one L1 coefficient")
     if train_cfg.eval_rows > 0 and held_out is None:
-        raise ValueError("l1_sweep: pass held_out rows, or set TrainConfig.eval_rows=0 to skip held-out metrics")
+        raise ValueError("l1_sweep: pass held_out rows, or set eval_rows=0 to skip held-out metrics")
     names = [f"l1_{c:g}" for c in l1_coeffs]
     source = ArraySource([x], names=names, sae_to_array=[0] * len(l1_coeffs),
                          held_out=None if held_out is None else [held_out], seed=seed)

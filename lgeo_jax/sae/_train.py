@@ -1,10 +1,10 @@
 """Train many SAEs in one jitted step: the SAE axis is vmapped and sharded over the mesh's ``model`` axis,
 the token batch over its ``data`` axis.
 
-A job is (source, `SAEConfig`, `TrainConfig`, one L1 coefficient and one seed per SAE). The SAE axis is
+A job is (source, `SAEConfig`, `SAETrainConfig`, one L1 coefficient and one seed per SAE). The SAE axis is
 whatever the source stacks: adapters x layers x L1 coefficients x seeds flattened. Per SAE, the RMS scale
-``s = sqrt(mean_t ||x_t||^2 / d)`` and b_dec are estimated from the first ``scale_batches`` batches of its
-own stream, then fixed. Output directory::
+``s = sqrt(mean_t ||x_t||^2 / d)`` (1 with ``normalize: none``) and b_dec are estimated from the first
+``scale_batches`` batches of its own stream, then fixed. Output directory::
 
     out_dir/checkpoints/   orbax steps (state + JSON meta with the config hash)
     out_dir/metrics.csv    one row per (logged step, SAE); metrics.png the curves
@@ -27,7 +27,9 @@ import orbax.checkpoint as ocp
 import tqdm
 from jax.sharding import Mesh
 
-from lgeo_jax.sae._config import Arch, BDecInit, SAEConfig, TrainConfig, config_hash
+from lgeo_jax.config import to_plain
+from lgeo_jax.files import atomic_directory, json_hash
+from lgeo_jax.sae._config import Arch, BDecInit, Normalize, SAEConfig, SAETrainConfig
 from lgeo_jax.sae._formats import save_sae
 from lgeo_jax.sae._log import MetricsCSV, plot_metrics
 from lgeo_jax.sae._models import SAE, init_params
@@ -80,23 +82,24 @@ def _shardings(tree, mesh: Mesh):
 
 def _validate(source: BatchSource, sae_cfg: SAEConfig, l1_coeffs: Sequence[float], seeds: Sequence[int]) -> None:
     n = len(source.names)
-    if sae_cfg.arch is Arch.JUMPRELU:
-        raise ValueError("JumpReLU SAEs are loaded and run here, not trained; train arch 'relu' or 'topk'")
+    if sae_cfg.architecture is Arch.JUMPRELU:
+        raise ValueError("JumpReLU SAEs are loaded and run here, not trained; train architecture 'relu' or 'topk'")
     if source.d_in != sae_cfg.d_in:
         raise ValueError(f"SAEConfig.d_in={sae_cfg.d_in} does not match the data's d={source.d_in}")
     if len(l1_coeffs) != n or len(seeds) != n:
         raise ValueError(f"need one L1 coefficient and one seed per SAE: {n} SAEs ({source.names}), got "
                          f"{len(l1_coeffs)} coefficients and {len(seeds)} seeds")
     bad = [(name, c) for name, c in zip(source.names, l1_coeffs, strict=True)
-           if (c <= 0 if sae_cfg.arch is Arch.RELU else c != 0)]
+           if (c <= 0 if sae_cfg.architecture is Arch.RELU else c != 0)]
     if bad:
-        rule = "must be > 0 for a ReLU SAE" if sae_cfg.arch is Arch.RELU else "must be 0 for TopK (k sets sparsity)"
+        relu = sae_cfg.architecture is Arch.RELU
+        rule = "must be > 0 for a ReLU SAE" if relu else "must be 0 for TopK (k sets sparsity)"
         raise ValueError(f"L1 coefficient {rule}; got {bad}")
     if len(set(source.names)) != n:
         raise ValueError(f"SAE names must be unique (they name output folders): {source.names}")
 
 
-def _init_state(source: BatchSource, sae_cfg: SAEConfig, train_cfg: TrainConfig, seeds: Sequence[int],
+def _init_state(source: BatchSource, sae_cfg: SAEConfig, train_cfg: SAETrainConfig, seeds: Sequence[int],
                 optimizer) -> SAEState:
     """Scale, b_dec and random weights per SAE, from the first ``scale_batches`` batches of each stream."""
     sample = []
@@ -106,6 +109,8 @@ def _init_state(source: BatchSource, sae_cfg: SAEConfig, train_cfg: TrainConfig,
         sample.append(batch.x)
     x = np.concatenate(sample, axis=1).astype(np.float64)  # [S, N, D]
     scale = np.sqrt(np.mean(np.sum(x**2, axis=-1), axis=-1) / source.d_in)  # [S]
+    if train_cfg.normalize is Normalize.NONE:
+        scale = np.ones_like(scale)
     if not (scale > 0).all():
         zero = [n for n, s in zip(source.names, scale, strict=True) if not s > 0]
         raise ValueError(f"RMS scale is 0 for SAEs {zero}: their first {x.shape[1]} training rows are all zero")
@@ -124,20 +129,21 @@ def _init_state(source: BatchSource, sae_cfg: SAEConfig, train_cfg: TrainConfig,
                     scale=jnp.asarray(scale, jnp.float32))
 
 
-def job_hash(source: BatchSource, sae_cfg: SAEConfig, train_cfg: TrainConfig, l1_coeffs, seeds) -> str:
-    return config_hash({"sae": sae_cfg.to_dict(), "train": train_cfg.to_dict(), "l1": [float(c) for c in l1_coeffs],
-                        "seeds": [int(s) for s in seeds], "names": list(source.names), "d_in": source.d_in,
-                        "n_rows": source.n_rows})
+def job_hash(source: BatchSource, sae_cfg: SAEConfig, train_cfg: SAETrainConfig, l1_coeffs, seeds) -> str:
+    """Identifies a job (stored in its checkpoints, so a resume with anything changed is refused)."""
+    return json_hash({"sae": to_plain(sae_cfg), "train": to_plain(train_cfg, results_only=True),
+                      "l1": [float(c) for c in l1_coeffs], "seeds": [int(s) for s in seeds],
+                      "names": list(source.names), "d_in": source.d_in, "n_rows": source.n_rows})
 
 
-def train_saes(source: BatchSource, sae_cfg: SAEConfig, train_cfg: TrainConfig, l1_coeffs: Sequence[float],
+def train_saes(source: BatchSource, sae_cfg: SAEConfig, train_cfg: SAETrainConfig, l1_coeffs: Sequence[float],
                seeds: Sequence[int], out_dir: str | pathlib.Path, mesh: Mesh | None = None,
                progress: bool = True, stop_after: int | None = None, plot: bool = True) -> TrainResult:
     """Train one SAE per source stream, all in one vmapped, sharded step; resumes from ``out_dir`` if present.
 
     Loss (per SAE, in SAE units x / s): squared error summed over d and averaged over tokens, plus
     ``l1 * mean_tokens sum_i f_i`` with decoder rows renormalised to unit norm after each step (or weighted
-    by ``||W_dec_i||`` with `Sparsity.DECODER_NORM`); TopK: the squared error alone. See `_step`.
+    by ``||W_dec_i||`` with `sparsity: decoder_norm`); TopK: the squared error alone. See `_step`.
     Resuming with any change to the configs, coefficients, seeds or source identity raises `ValueError`.
     ``stop_after`` ends this run at that global step (checkpointed), e.g. to fit a job into time slices;
     the SAEs written then are the partial ones, and calling again continues exactly. ``plot=False`` skips
@@ -210,14 +216,15 @@ def train_saes(source: BatchSource, sae_cfg: SAEConfig, train_cfg: TrainConfig, 
     saes = []
     for i, name in enumerate(source.names):
         sae = SAE(sae_cfg, {k: np.asarray(v[i]) for k, v in host_state.params.items()}, float(host_state.scale[i]))
-        save_sae(out_dir / "saes" / name, sae, {"name": name, "l1_coeff": float(l1_coeffs[i]), "seed": int(seeds[i]),
-                                                "steps": done, "config_hash": chash})
+        with atomic_directory(out_dir / "saes" / name, overwrite=True) as tmp:  # never half an SAE on disk
+            save_sae(tmp, sae, {"name": name, "l1_coeff": float(l1_coeffs[i]), "seed": int(seeds[i]), "steps": done,
+                                "config_hash": chash})
         saes.append(sae)
     return TrainResult(tuple(saes), tuple(last), out_dir)
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(sae_cfg: SAEConfig, train_cfg: TrainConfig, total: int, mesh: Mesh, n_sae: int):
+def _compiled(sae_cfg: SAEConfig, train_cfg: SAETrainConfig, total: int, mesh: Mesh, n_sae: int):
     """Optimizer, state shapes/shardings and jitted step/eval for a job shape; cached so that repeated jobs
     of one shape (sweeps, one-at-a-time comparisons) trace and compile once."""
     optimizer = make_optimizer(train_cfg, total)

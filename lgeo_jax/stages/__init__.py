@@ -1,37 +1,53 @@
-"""The study's stages, in pipeline order; each is `run_<stage>(config, stage, run)` (see `lgeo_jax.manifest`)."""
+"""The study's pipeline: stages, their run directories and manifests, and the loop that runs them.
 
-from __future__ import annotations
+Typical use::
 
-import importlib
-from collections.abc import Callable
+    config = lgeo_jax.study.load_config("configs/tiny.yaml", check_paths=True)
+    run_stages(config, "corpus")          # data -> base -> adapters -> corpus, resuming what is unfinished
+    for check in open_run(config).plan():
+        print(check)                      # complete / resumable / stale (and why)
+"""
 
-from lgeo_jax.manifest import PIPELINE
+from lgeo_jax.stages._corpus import corpus_size_bytes
+from lgeo_jax.stages._layout import (
+    adapter_dirs,
+    base_checkpoint,
+    base_sae_dir,
+    corpus_store,
+    delta_sae_dir,
+    layer_arrays_path,
+    load_records,
+    load_tokenizer,
+    records_path,
+    results_path,
+    sweep_path,
+)
+from lgeo_jax.stages._manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    Run,
+    StageCheck,
+    StageRun,
+    StageSpec,
+    StageState,
+    Status,
+)
+from lgeo_jax.stages._pipeline import (
+    CONFIG_FILE,
+    PIPELINE,
+    STAGE_NAMES,
+    Stage,
+    StageOutcome,
+    open_run,
+    run_stages,
+    upstream_of,
+)
+from lgeo_jax.stages._plan import plan_text
 
-# Stage name -> "module:function"; imported on demand so `lgeo plan` stays light.
-_STAGE_FUNCTIONS = {
-    "data": "lgeo_jax.stages._data:run_data",
-    "base": "lgeo_jax.stages._base:run_base",
-    "adapters": "lgeo_jax.stages._adapters:run_adapters",
-    "corpus": "lgeo_jax.stages._corpus:run_corpus",
-    "saes": "lgeo_jax.stages._saes:run_saes",
-    "analysis": "lgeo_jax.stages._analysis:run_analysis",
-    "report": "lgeo_jax.stages._report:run_report",
-}
-STAGE_NAMES = tuple(spec.name for spec in PIPELINE)
-
-
-def stage_function(name: str) -> Callable:
-    module, func = _STAGE_FUNCTIONS[name].split(":")
-    return getattr(importlib.import_module(module), func)
-
-
-def upstream_of(name: str) -> tuple[str, ...]:
-    """`name` and every stage it depends on, in pipeline order."""
-    specs = {s.name: s for s in PIPELINE}
-    needed, todo = set(), [name]
-    while todo:
-        n = todo.pop()
-        if n not in needed:
-            needed.add(n)
-            todo.extend(specs[n].inputs)
-    return tuple(s for s in STAGE_NAMES if s in needed)
+__all__ = [
+    "CONFIG_FILE", "MANIFEST_NAME", "PIPELINE", "STAGE_NAMES", "Manifest", "Run", "Stage", "StageCheck",
+    "StageOutcome", "StageRun", "StageSpec", "StageState", "Status", "adapter_dirs", "base_checkpoint",
+    "base_sae_dir", "corpus_size_bytes", "corpus_store", "delta_sae_dir", "layer_arrays_path",
+    "load_records", "load_tokenizer", "open_run", "plan_text", "records_path", "results_path", "run_stages",
+    "sweep_path", "upstream_of",
+]

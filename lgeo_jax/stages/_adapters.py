@@ -12,32 +12,16 @@ import time
 
 import numpy as np
 
-from lgeo_jax.config import StudyConfig
 from lgeo_jax.data import tokenize_split
-from lgeo_jax.lora import AdapterSpec, concat_adapters, init_adapters, load_adapter, save_adapter
-from lgeo_jax.manifest import Run, StageRun, atomic_directory, atomic_write_json
+from lgeo_jax.files import atomic_directory, atomic_write_json
+from lgeo_jax.lora import concat_adapters, init_adapters, load_adapter, save_adapter
 from lgeo_jax.model import load_model
-from lgeo_jax.stages._inputs import (
-    adapter_dirs,
-    adapter_names,
-    base_checkpoint,
-    load_records,
-    load_tokenizer,
-    split_config,
-    tokenize_config,
-)
-from lgeo_jax.train._curves import plot_losses, write_loss_csv
-from lgeo_jax.train._evaluate import evaluate_heldout
-from lgeo_jax.train._lora_trainer import train_lora
+from lgeo_jax.stages._layout import adapter_dirs, base_checkpoint, load_records, load_tokenizer
+from lgeo_jax.stages._manifest import Run, StageRun
+from lgeo_jax.study import StudyConfig
+from lgeo_jax.train import evaluate_heldout, plot_losses, train_lora, write_loss_csv
 
 FINAL_LOSS_WINDOW = 10  # steps averaged for the reported final train loss (single steps are noisy)
-
-
-def adapter_specs(config: StudyConfig) -> list[AdapterSpec]:
-    lora = config.lora
-    return [AdapterSpec(rank=r, alpha=lora.alpha(r), targets=lora.targets, use_rslora=lora.use_rslora,
-                        dropout=lora.dropout, name=name)
-            for r, name in zip(lora.ranks, adapter_names(config), strict=True)]
 
 
 def run_adapters(config: StudyConfig, stage: StageRun, run: Run) -> None:
@@ -48,21 +32,19 @@ def run_adapters(config: StudyConfig, stage: StageRun, run: Run) -> None:
     """
     tokenizer = load_tokenizer(run, config)
     records = load_records(run)
-    splits, tok_cfg = split_config(config), tokenize_config(config)
-    dtype = config.model.dtype.value if config.model.dtype is not None else None
     base_path = base_checkpoint(run, config)
-    model = load_model(base_path, dtype=dtype)
+    model = load_model(base_path, dtype=config.model.param_dtype)
     dirs = adapter_dirs(run, config)
+    names = config.lora.names
     if not stage.is_done("train"):
-        train_examples = tokenize_split(records, tokenizer, splits, "train", tok_cfg)
-        adapters = init_adapters(model.config, adapter_specs(config), seed=config.train.seed)
+        train_examples = tokenize_split(records, tokenizer, config.data, "train")
+        adapters = init_adapters(model.config, config.lora.adapter_specs(), seed=config.train.seed)
         start = time.perf_counter()
         result = train_lora(model, adapters, train_examples, config.train, checkpoint_dir=stage.path / "checkpoints")
         seconds = time.perf_counter() - start
         for i, path in enumerate(dirs):
             with atomic_directory(path, overwrite=True) as tmp:
                 save_adapter(result.adapters, tmp, index=i, base_model_name_or_path=str(base_path))
-        names = adapter_names(config)
         write_loss_csv(stage.path / "loss.csv", names, result.losses, result.lrs)
         if config.report.plots:
             plot_losses(stage.path / "loss.png", names, result.losses, title="LoRA training loss (all ranks at once)")
@@ -75,7 +57,7 @@ def run_adapters(config: StudyConfig, stage: StageRun, run: Run) -> None:
         stage.mark_done("train")
     if stage.is_done("summary"):
         return
-    heldout = tokenize_split(records, tokenizer, splits, "heldout", tok_cfg)
+    heldout = tokenize_split(records, tokenizer, config.data, "heldout")
     trained = concat_adapters([load_adapter(d, config=model.config, name=d.name) for d in dirs])
     ev = evaluate_heldout(model, trained, heldout, batch_size=config.train.batch_size)
     progress = stage.progress

@@ -1,7 +1,7 @@
 """The `analysis` stage: Tables 4-12 with null baselines, from the corpus and the SAEs, into `results.json`.
 
-Reads the corpus store and its `stats.json` (`corpus`), the delta / base SAEs, the L1 sweep and, unless
-`analysis.gemma_scope_dir` points at a downloaded Gemma Scope, the base-SAE export in its layout (`saes`).
+Reads the corpus store and its `stats.json` (`corpus`), the delta / base SAEs and the L1 sweep (`saes`), and
+each layer's reference dictionary: `analysis.dictionary_dirs`, a downloaded Gemma Scope, or the run's base SAE.
 Works layer by layer (one unit per layer: `layers/L<l>.json` + `layers/L<l>.npz` with the raw max-cosines
 and angles for the plots, written atomically, then marked done), so a killed stage resumes at the next
 layer. `results.json` gathers the units with Table 4, Table 12 and what the report must flag.
@@ -9,61 +9,41 @@ layer. `results.json` gathers the units with Table 4, Table 12 and what the repo
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from lgeo_jax.analysis import AnalysisSettings, LayerSAEs, NullCache, analyze_layer, table4, table12
-from lgeo_jax.config import StudyConfig
+from lgeo_jax.analysis import LayerSAEs, NullCache, analyze_layer, table4, table12
 from lgeo_jax.corpus import BASE_NAME, Corpus, load_stats, open_corpus
-from lgeo_jax.manifest import Run, StageRun, atomic_write_bytes, atomic_write_json
-from lgeo_jax.sae import SAE, load_gemma_scope, load_sae
-from lgeo_jax.stages._corpus import corpus_store
-from lgeo_jax.stages._inputs import (
-    adapter_names,
+from lgeo_jax.files import atomic_write_json, atomic_write_npz
+from lgeo_jax.sae import SAE, load_sae
+from lgeo_jax.stages._layout import (
     base_sae_dir,
+    corpus_store,
     delta_sae_dir,
-    gemma_scope_params,
-    gemma_scope_root,
-    split_config,
+    layer_arrays_path,
+    results_path,
     sweep_path,
 )
+from lgeo_jax.stages._manifest import Run, StageRun
+from lgeo_jax.study import StudyConfig
 
-RESULTS_FILE = "results.json"
-LAYERS_DIR = "layers"
 BATCH_ROWS = 1024  # evaluation tokens per device batch (rounded up to whole corpus chunks)
 
 
-def results_path(run: Run) -> Path:
-    return run.stage_dir("analysis") / RESULTS_FILE
-
-
-def layer_arrays_path(run: Run, layer: int) -> Path:
-    """Raw per-row max-cosines and principal angles of one layer (`<adapter>/<comparison>/<what>` keys)."""
-    return run.stage_dir("analysis") / LAYERS_DIR / f"L{layer}.npz"
-
-
-def settings_from(config: StudyConfig) -> AnalysisSettings:
-    a = config.analysis
-    return AnalysisSettings(subspace_k=a.subspace_k, near_orthogonal_deg=a.near_orthogonal_deg,
-                            aligned_deg=a.aligned_deg, active_threshold=a.active_threshold,
-                            null_samples=a.null_samples, null_seed=a.null_seed, max_cosine_chunk=a.max_cosine_chunk)
-
-
-def dictionary_path(config: StudyConfig, run: Run, layer: int) -> Path:
-    """`params.npz` of the reference (Gemma Scope layout) SAE of `layer`; errors name the layer and path."""
-    root = gemma_scope_root(run, config)
-    try:
-        path = gemma_scope_params(run, config, layer)
-    except FileNotFoundError as e:
-        raise ValueError(f"{root}/l0.json is missing (layer {layer}): the saes stage did not export the reference "
-                         "dictionary; rerun it, or set analysis.gemma_scope_dir") from e
-    except KeyError as e:
-        raise ValueError(f"layer {layer}: no Gemma Scope L0 variant configured (analysis.gemma_scope_l0 / "
-                         f"{root}/l0.json has no entry for it)") from e
+def reference_path(config: StudyConfig, run: Run, layer: int) -> Path:
+    """Where `layer`'s reference dictionary lives: `analysis.dictionary_dirs`, else Gemma Scope's `params.npz`,
+    else (no external dictionary) the run's base SAE of the first seed; errors name the layer and path."""
+    analysis = config.analysis
+    if layer in analysis.dictionary_dirs:
+        return Path(analysis.dictionary_dirs[layer])
+    if analysis.gemma_scope_dir is None:
+        return base_sae_dir(run, layer, config.sae.seeds[0])
+    if layer not in analysis.gemma_scope_l0:
+        raise ValueError(f"layer {layer}: no Gemma Scope L0 variant configured (analysis.gemma_scope_l0)")
+    path = Path(analysis.gemma_scope_dir) / analysis.gemma_scope_params(layer)
     if not path.is_file():
         width_dir = path.parent.parent
         have = sorted(p.name for p in width_dir.iterdir()) if width_dir.is_dir() else []
@@ -72,31 +52,24 @@ def dictionary_path(config: StudyConfig, run: Run, layer: int) -> Path:
     return path
 
 
-def reference_path(config: StudyConfig, run: Run, layer: int) -> Path:
-    """Where `layer`'s reference dictionary lives: `analysis.dictionary_dirs`, else the Gemma Scope layout."""
-    if layer in config.analysis.dictionary_dirs:
-        return Path(config.analysis.dictionary_dirs[layer])
-    return dictionary_path(config, run, layer)
-
-
 def _load(path: Path, what: str) -> SAE:
-    if not path.is_dir():
+    if not path.exists():
         raise ValueError(f"{what}: {path} not found; run the saes stage to completion")
     return load_sae(path)
 
 
 def load_layer_saes(config: StudyConfig, run: Run, layer: int) -> LayerSAEs:
     """The dictionary, every seed's delta SAE per adapter, and the base SAEs usable for base-base."""
-    if layer in config.analysis.dictionary_dirs:
-        dictionary = _load(reference_path(config, run, layer), f"analysis.dictionary_dirs.{layer}")
-    else:
-        dictionary = load_gemma_scope(reference_path(config, run, layer))
+    own = not config.analysis.has_external_dictionary(layer)  # then base seed 0 *is* the dictionary
+    what = (f"analysis.dictionary_dirs.{layer}" if layer in config.analysis.dictionary_dirs else
+            f"base SAE layer {layer} seed {config.sae.seeds[0]} (the reference dictionary)" if own else
+            f"Gemma Scope layer {layer}")
+    dictionary = _load(reference_path(config, run, layer), what)
     seeds = config.sae.seeds
     delta = {name: {s: _load(delta_sae_dir(run, rank, layer, s), f"delta SAE {name} layer {layer} seed {s}")
                     for s in seeds}
-             for name, rank in zip(adapter_names(config), config.lora.ranks, strict=True)}
-    exported = not config.analysis.has_external_dictionary(layer)  # then base seed 0 *is* the dictionary
-    base_seeds = seeds[1:] if exported else (seeds if config.sae.base_saes else ())
+             for name, rank in zip(config.lora.names, config.lora.ranks, strict=True)}
+    base_seeds = seeds[1:] if own else (seeds if config.sae.base_saes else ())
     base = {s: _load(base_sae_dir(run, layer, s), f"base SAE layer {layer} seed {s}") for s in base_seeds}
     return LayerSAEs(dictionary, delta, base)
 
@@ -110,13 +83,6 @@ def _batches(corpus: Corpus, split: str, layer: int, names: tuple[str, ...]) -> 
         yield tuple(corpus.rows(split, name, layer, rows) for name in names)
 
 
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def run_analysis(config: StudyConfig, stage: StageRun, run: Run) -> None:
     """Computes every layer not yet done, then writes `results.json`."""
     corpus = open_corpus(corpus_store(config, run))
@@ -127,11 +93,11 @@ def run_analysis(config: StudyConfig, stage: StageRun, run: Run) -> None:
     if corpus.n_rows(split) == 0:
         raise ValueError(f"corpus split '{split}' (analysis.eval_split) has no tokens in {corpus.url}; widen the "
                          f"data.{split} range or change analysis.eval_split")
-    adapters = tuple(adapter_names(config))
+    adapters = config.lora.names
     missing = [a for a in adapters if a not in corpus.layout.adapters]
     if missing:
         raise ValueError(f"corpus {corpus.url} has no deltas for adapters {missing}; rerun the corpus stage")
-    settings, nulls = settings_from(config), NullCache(settings_from(config))
+    nulls = NullCache(config.analysis)
     dictionaries = {}
     for layer in config.extract.layers:
         unit = f"L{layer}"
@@ -142,25 +108,25 @@ def run_analysis(config: StudyConfig, stage: StageRun, run: Run) -> None:
             layer, corpus.d_model, load_layer_saes(config, run, layer),
             base_batches=lambda layer=layer: (b for (b,) in _batches(corpus, split, layer, (BASE_NAME,))),
             pair_batches=lambda name, layer=layer: _batches(corpus, split, layer, (BASE_NAME, name)),
-            settings=settings, nulls=nulls)
-        _write_npz(layer_arrays_path(run, layer), arrays)
-        atomic_write_json(stage.path / LAYERS_DIR / f"{unit}.json", record)
+            config=config.analysis, nulls=nulls)
+        layer_arrays_path(run, layer).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_npz(layer_arrays_path(run, layer), arrays)
+        atomic_write_json(layer_arrays_path(run, layer).with_suffix(".json"), record)
         stage.mark_done(unit)
 
-    layers = {f"L{layer}": json.loads((stage.path / LAYERS_DIR / f"L{layer}.json").read_text())
+    layers = {f"L{layer}": json.loads(layer_arrays_path(run, layer).with_suffix(".json").read_text())
               for layer in config.extract.layers}
     sweep = sweep_path(run)
-    splits = split_config(config)
     atomic_write_json(results_path(run), {
         "meta": {
             "adapters": list(adapters), "ranks": list(config.lora.ranks), "layers": list(config.extract.layers),
             "d_model": corpus.d_model, "eval_split": split, "eval_tokens": corpus.n_rows(split),
             "sae_train_split": config.sae.train_split, "sae_seeds": list(config.sae.seeds),
-            "probe_overlaps_train": splits.probe_overlaps_train,
+            "probe_overlaps_train": config.data.probe_overlaps_train,
             "activation_dtype": stats.get("activation_dtype"), "store_dtype": stats.get("store_dtype"),
             "dictionary": (f"Gemma Scope ({config.analysis.gemma_scope_dir}, {config.analysis.gemma_scope_width})"
                            if config.analysis.gemma_scope_dir else
-                           f"our base SAE (seed {config.sae.seeds[0]}) exported in the Gemma Scope layout")
+                           f"the run's own base SAE (seed {config.sae.seeds[0]}); no Gemma Scope")
             + (f"; per-layer SAE directories for layers {sorted(config.analysis.dictionary_dirs)}"
                if config.analysis.dictionary_dirs else ""),
             "dictionary_paths": dictionaries,

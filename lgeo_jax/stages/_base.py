@@ -9,20 +9,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lgeo_jax.config import StudyConfig
-from lgeo_jax.data import tokenize_split
-from lgeo_jax.manifest import Run, StageRun, atomic_directory
+from lgeo_jax.data import LossOn, tokenize_split
+from lgeo_jax.files import atomic_directory
 from lgeo_jax.model import Gemma2Config, check_checkpoint, count_params, save_model
-from lgeo_jax.stages._inputs import (
-    base_checkpoint,
-    builtin_model_config,
-    load_records,
-    load_tokenizer,
-    split_config,
-    tokenize_config,
-)
-from lgeo_jax.train._curves import write_loss_csv
-from lgeo_jax.train._pretrain import pretrain_base
+from lgeo_jax.stages._layout import base_checkpoint, load_records, load_tokenizer
+from lgeo_jax.stages._manifest import Run, StageRun
+from lgeo_jax.study import StudyConfig
+from lgeo_jax.train import pretrain_base, write_loss_csv
 
 
 def check_study_checkpoint(path: Path, config: StudyConfig) -> Gemma2Config:
@@ -50,18 +43,15 @@ def run_base(config: StudyConfig, stage: StageRun, run: Run) -> None:
         return
     if stage.is_done("model"):
         return
-    builtin = config.model.builtin
     tokenizer = load_tokenizer(run, config)
-    tok_cfg = dataclasses.replace(tokenize_config(config), loss_on="all")
-    examples = tokenize_split(load_records(run), tokenizer, split_config(config), "train", tok_cfg)
-    cfg = builtin_model_config(config, len(tokenizer))
+    data = dataclasses.replace(config.data, loss_on=LossOn.ALL)  # pretraining predicts every token
+    examples = tokenize_split(load_records(run), tokenizer, data, "train")
+    cfg = config.model.builtin.with_vocab(len(tokenizer))
     # Pretraining restarts from scratch after a crash (it is short); the manifest says it is under way.
-    stage.update(pretraining=f"{builtin.pretrain_steps} steps on {len(examples)} training sequences")
-    result = pretrain_base(cfg, examples, steps=builtin.pretrain_steps, lr=builtin.pretrain_lr,
-                           batch_size=builtin.pretrain_batch_size, seed=builtin.seed)
-    dtype = config.model.dtype.value if config.model.dtype is not None else None
+    stage.update(pretraining=f"{cfg.pretrain_steps} steps on {len(examples)} training sequences")
+    result = pretrain_base(cfg, examples)
     with atomic_directory(path, overwrite=True) as tmp:
-        save_model(result.model, tmp, dtype=dtype)
+        save_model(result.model, tmp, dtype=config.model.param_dtype)
     write_loss_csv(stage.path / "pretrain_loss.csv", ["loss"], result.losses[:, None])
     losses = result.losses
     stage.update(checkpoint=str(path.resolve()), n_layers=cfg.n_layers, d_model=cfg.d_model,

@@ -1,7 +1,7 @@
 """The `corpus` stage: probe and held-out residuals of the base and every adapter -> tensorstore corpus.
 
 Reads the records and tokenizer (`data`), the base checkpoint (`base` or the user's) and the adapters
-(`adapters`) through `lgeo_jax.stages._inputs`; writes the store (inside this stage's directory, or at
+(`adapters`) through `lgeo_jax.stages._layout`; writes the store (inside this stage's directory, or at
 `extract.store`, any tensorstore kvstore URL) and `stats.json` (Table 4's mean norms and the SAE RMS
 scales). Progress is recorded batch by batch in the stage manifest, so a killed run resumes where it
 stopped; the caller (`lgeo run`) marks the stage finished after this returns.
@@ -11,34 +11,22 @@ from __future__ import annotations
 
 import jax
 
-from lgeo_jax.config import StudyConfig
 from lgeo_jax.corpus import (
     CATEGORY_NAMES,
     META_FIELDS,
     STATS_FILE,
-    ExtractSettings,
-    TokenSelection,
     directories_fingerprint,
     extract_corpus,
-    store_url,
+    itemsize,
     summarize,
 )
-from lgeo_jax.corpus._store import itemsize
 from lgeo_jax.data import categorize, tokenize_split
+from lgeo_jax.files import atomic_write_json
 from lgeo_jax.lora import load_adapter
-from lgeo_jax.manifest import Run, StageRun, atomic_write_json
 from lgeo_jax.model import load_model
-from lgeo_jax.stages._inputs import (
-    adapter_dirs,
-    adapter_names,
-    base_checkpoint,
-    load_records,
-    load_tokenizer,
-    split_config,
-    tokenize_config,
-)
-
-STORE_DIR = "store"
+from lgeo_jax.stages._layout import adapter_dirs, base_checkpoint, corpus_store, load_records, load_tokenizer
+from lgeo_jax.stages._manifest import Run, StageRun
+from lgeo_jax.study import StudyConfig
 
 
 def corpus_size_bytes(config: StudyConfig, n_tokens: int, d_model: int) -> int:
@@ -50,24 +38,6 @@ def corpus_size_bytes(config: StudyConfig, n_tokens: int, d_model: int) -> int:
     return arrays * per_array + n_tokens * 4 * len(META_FIELDS)
 
 
-def corpus_store(config: StudyConfig, run: Run) -> str:
-    """The store's kvstore URL: `extract.store`, or `store/` inside the stage directory."""
-    return store_url(config.extract.store or run.stage_dir("corpus") / STORE_DIR)
-
-
-def extract_settings(config: StudyConfig) -> ExtractSettings:
-    ex = config.extract
-    activation = config.model.activation_dtype
-    return ExtractSettings(
-        layers=ex.layers,
-        selection=TokenSelection(exclude_bos=ex.exclude_bos, token_budget=ex.token_budget, seed=ex.subsample_seed),
-        store_dtype=ex.store_dtype.value,
-        activation_dtype=None if activation is None else activation.value,
-        batch_size=ex.batch_size,
-        chunk_rows=ex.chunk_rows,
-    )
-
-
 def run_corpus(config: StudyConfig, stage: StageRun, run: Run) -> None:
     """Extracts (or resumes extracting) the corpus and saves its statistics as `stats.json`."""
     if jax.process_count() > 1:
@@ -75,21 +45,21 @@ def run_corpus(config: StudyConfig, stage: StageRun, run: Run) -> None:
                          "writer); run extraction on one host")
     records = load_records(run)
     tokenizer = load_tokenizer(run, config)
-    splits, tok = split_config(config), tokenize_config(config)
-    examples = {s: tokenize_split(records, tokenizer, splits, s, tok) for s in config.extract.splits}
+    examples = {s: tokenize_split(records, tokenizer, config.data, s) for s in config.extract.splits}
     categories = {s: [CATEGORY_NAMES.index(categorize(records[e.index].instruction).value) for e in ex]
                   for s, ex in examples.items()}
-    base_dir, dirs, names = base_checkpoint(run, config), adapter_dirs(run, config), adapter_names(config)
-    model = load_model(base_dir, dtype=None if config.model.dtype is None else config.model.dtype.value)
+    base_dir, dirs, names = base_checkpoint(run, config), adapter_dirs(run, config), config.lora.names
+    model = load_model(base_dir, dtype=config.model.param_dtype)
     adapters = [load_adapter(d, config=model.config, name=n) for d, n in zip(dirs, names, strict=True)]
-    settings = extract_settings(config)
     store = corpus_store(config, run)
-    layout, stats = extract_corpus(model, adapters, names, examples, categories, store, settings, stage,
+    activation_dtype = config.model.residual_dtype
+    layout, stats = extract_corpus(model, adapters, names, examples, categories, store, config.extract, stage,
+                                   activation_dtype=activation_dtype,
                                    inputs_hash=directories_fingerprint([base_dir, *dirs]))
     atomic_write_json(stage.path / STATS_FILE, {
         "store": store,
-        "activation_dtype": settings.activation_dtype or str(model.embed[...].dtype),
-        "store_dtype": settings.store_dtype,
+        "activation_dtype": activation_dtype or str(model.embed[...].dtype),
+        "store_dtype": config.extract.store_dtype.value,
         "rows": dict(layout.split_rows),
         "splits": summarize(stats, layout.names, layout.layers, layout.d_model),
     })

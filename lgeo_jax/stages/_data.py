@@ -4,28 +4,27 @@ from __future__ import annotations
 
 import os
 
-from lgeo_jax.config import BUILTIN_DATA, StudyConfig
-from lgeo_jax.data import category_counts, load_alpaca, save_alpaca_json, write_synthetic_dataset
-from lgeo_jax.manifest import Run, StageRun
-from lgeo_jax.stages._inputs import records_path, split_config
+from lgeo_jax.data import category_counts, load_alpaca, save_alpaca_json, select_split, write_synthetic_dataset
+from lgeo_jax.stages._layout import records_path
+from lgeo_jax.stages._manifest import Run, StageRun
+from lgeo_jax.study import StudyConfig
 
 
 def run_data(config: StudyConfig, stage: StageRun, run: Run) -> None:
     """Writes `records.json` (all records) and, for `builtin:synthetic`, `tokenizer/`; checks the splits fit."""
-    splits = split_config(config)
+    data = config.data
     # Cheap and deterministic: an interrupted attempt is simply redone; only `finish` marks it complete.
-    if config.data.source == BUILTIN_DATA:
-        n = config.data.n_records or splits.required_records
-        written = write_synthetic_dataset(stage.path, n_records=n, seed=config.data.synthetic_seed)
+    if data.is_synthetic:
+        written = write_synthetic_dataset(stage.path, n_records=data.synthetic_records, seed=data.synthetic_seed)
         os.replace(written.records_path, records_path(run))
     else:
-        records = load_alpaca(config.data.source)
+        records = load_alpaca(data.source, sha256=data.sha256)
         save_alpaca_json(records, records_path(run))
     records = load_alpaca(records_path(run))
-    if len(records) < splits.required_records:
-        raise ValueError(f"data.source {config.data.source!r} has {len(records)} records, but the splits need "
-                         f"{splits.required_records} (train {splits.train}, probe {splits.probe}, "
-                         f"heldout {splits.heldout}); shrink the split ranges")
-    probe = [records[i] for i in splits.indices("probe")]
-    stage.update(n_records=len(records), probe_overlaps_train=splits.probe_overlaps_train,
+    if len(records) < data.required_records:
+        raise ValueError(f"data.source {data.source!r} has {len(records)} records, but the splits need "
+                         f"{data.required_records} (train {data.train}, probe {data.probe}, "
+                         f"heldout {data.heldout}); shrink the split ranges")
+    probe = select_split(records, data, "probe")
+    stage.update(n_records=len(records), probe_overlaps_train=data.probe_overlaps_train,
                  probe_categories={c.value: n for c, n in category_counts(probe).items()})

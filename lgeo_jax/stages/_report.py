@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 
-from lgeo_jax.config import StudyConfig
-from lgeo_jax.manifest import Run, StageRun
 from lgeo_jax.report import write_report
-from lgeo_jax.stages._analysis import layer_arrays_path, results_path
+from lgeo_jax.stages._layout import layer_arrays_path, results_path
+from lgeo_jax.stages._manifest import Run, StageRun
+from lgeo_jax.study import StudyConfig
 
 
 def run_report(config: StudyConfig, stage: StageRun, run: Run) -> None:
@@ -22,7 +22,6 @@ def run_report(config: StudyConfig, stage: StageRun, run: Run) -> None:
     for layer in results["meta"]["layers"]:
         with np.load(layer_arrays_path(run, layer), allow_pickle=False) as npz:
             arrays[layer] = {k: npz[k] for k in npz.files}
-    title = config.report.title or f"lgeo report ({config.model.checkpoint})"
-    files = write_report(results, arrays, stage.path, title=title, with_paper=config.report.paper_tables,
-                         plots=config.report.plots, plot_format=config.report.plot_format.value)
+    files = write_report(results, arrays, stage.path, config.report,
+                         default_title=f"lgeo report ({config.model.checkpoint})")
     stage.update(files=files)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lgeo_jax.manifest import atomic_write_bytes, atomic_write_text
+from lgeo_jax.files import atomic_save_figure, atomic_write_text
 
 
 def write_loss_csv(path: str | os.PathLike, names: Sequence[str], losses: np.ndarray,
@@ -43,7 +43,5 @@ def plot_losses(path: str | os.PathLike, names: Sequence[str], losses: np.ndarra
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    atomic_save_figure(fig, path, dpi=100)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())

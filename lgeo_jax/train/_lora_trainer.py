@@ -28,14 +28,15 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from lgeo_jax.config import TrainConfig
 from lgeo_jax.data import Batch, BatchConfig, TokenizedExample, iterate_batches, steps_per_epoch
 from lgeo_jax.lora import LoraAdapters, stacked_lora
 from lgeo_jax.model import Gemma2
+from lgeo_jax.optim import lr_schedule
 from lgeo_jax.train._batches import batch_config, check_examples, stack_micro
 from lgeo_jax.train._checkpoint import TrainCheckpoints
+from lgeo_jax.train._config import TrainConfig
 from lgeo_jax.train._loss import next_token_loss
-from lgeo_jax.train._optim import lora_optimizer, lr_schedule, per_adapter_norm, warmup_steps
+from lgeo_jax.train._optim import lora_optimizer, per_adapter_norm
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -171,7 +172,7 @@ def train_lora(model: Gemma2, adapters: LoraAdapters, examples: Sequence[Tokeniz
     accum = train.grad_accum_steps
     total = total_steps(len(examples), train)
     bc = batch_config(examples, train.batch_size, train.seed, n_buckets=length_buckets)
-    schedule = lr_schedule(train.lr, train.schedule, warmup_steps(train, total), total)
+    schedule = lr_schedule(train.lr, train.schedule, train.warmup(total), total)
     compute_dtype = jnp.dtype(train.compute_dtype.value)
 
     lora_def, params, rest = split_lora(adapters)

@@ -1,4 +1,4 @@
-"""Learning-rate schedules and the AdamW chain for LoRA training.
+"""The AdamW chain for LoRA training (schedules: `lgeo_jax.optim`).
 
 Gradient clipping is per adapter: when several adapters train as one stack, clipping their joint global
 norm would couple them, so each adapter's factors are clipped by that adapter's own global norm (what
@@ -8,42 +8,12 @@ run takes the same steps as separate runs.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import optax
 
-from lgeo_jax.config import Schedule, TrainConfig
-
-
-def warmup_steps(train: TrainConfig, total_steps: int) -> int:
-    """`warmup_steps` when set, else ceil(warmup_fraction * total) as Hugging Face's `warmup_ratio`."""
-    if train.warmup_steps is not None:
-        return train.warmup_steps
-    return math.ceil((train.warmup_fraction or 0.0) * total_steps)
-
-
-def lr_schedule(peak: float, schedule: Schedule, warmup: int, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `peak`, then constant / linear-to-0 / cosine-to-0 at `total_steps`
-    (transformers' `get_{constant,linear,cosine}_schedule_with_warmup`)."""
-    if total_steps < 1:
-        raise ValueError(f"lr_schedule: total_steps must be >= 1, got {total_steps}")
-    schedule = Schedule(schedule)
-
-    def lr(step):
-        step = jnp.asarray(step, jnp.float32)
-        ramp = step / max(warmup, 1)
-        progress = jnp.clip((step - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
-        if schedule is Schedule.CONSTANT:
-            decay = jnp.ones_like(progress)
-        elif schedule is Schedule.LINEAR:
-            decay = 1.0 - progress
-        else:
-            decay = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return peak * jnp.where(step < warmup, ramp, decay)
-
-    return lr
+from lgeo_jax.optim import lr_schedule
+from lgeo_jax.train._config import TrainConfig
 
 
 def per_adapter_norm(tree, axis: int = 1) -> jax.Array:
@@ -71,7 +41,7 @@ def clip_per_adapter(max_norm: float, axis: int = 1) -> optax.GradientTransforma
 
 def lora_optimizer(train: TrainConfig, total_steps: int) -> optax.GradientTransformation:
     """Per-adapter clipping, then AdamW (torch defaults b=(0.9, 0.999), eps=1e-8) on the schedule."""
-    schedule = lr_schedule(train.lr, train.schedule, warmup_steps(train, total_steps), total_steps)
+    schedule = lr_schedule(train.lr, train.schedule, train.warmup(total_steps), total_steps)
     parts = [clip_per_adapter(train.max_grad_norm)] if train.max_grad_norm is not None else []
     parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train.weight_decay))
     return optax.chain(*parts)

@@ -19,13 +19,12 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from lgeo_jax.config import Schedule
 from lgeo_jax.data import TokenizedExample, iterate_batches
-from lgeo_jax.model import Gemma2, Gemma2Config, init_model
+from lgeo_jax.model import BuiltinModelConfig, Gemma2, init_model
+from lgeo_jax.optim import Schedule, lr_schedule
 from lgeo_jax.train._batches import batch_config, check_examples
 from lgeo_jax.train._lora_trainer import NonFiniteLossError
 from lgeo_jax.train._loss import next_token_loss
-from lgeo_jax.train._optim import lr_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +57,11 @@ def _make_step(graphdef, lr: float, steps: int):
     return step
 
 
-def pretrain_base(cfg: Gemma2Config, examples: Sequence[TokenizedExample], *, steps: int, lr: float,
-                  batch_size: int, seed: int = 0, progress: bool = True) -> PretrainResult:
-    """A fresh `init_model(cfg, seed=seed)` trained for `steps` AdamW steps on `examples`."""
+def pretrain_base(cfg: BuiltinModelConfig, examples: Sequence[TokenizedExample], *,
+                  progress: bool = True) -> PretrainResult:
+    """A fresh `init_model(cfg, seed=cfg.seed)` trained for `cfg.pretrain_steps` AdamW steps on `examples`
+    (`cfg.vocab_size` must be set: `cfg.with_vocab(len(tokenizer))`)."""
+    steps, lr, batch_size, seed = cfg.pretrain_steps, cfg.pretrain_lr, cfg.pretrain_batch_size, cfg.seed
     check_examples([dataclasses.replace(e, loss_mask=np.ones_like(e.loss_mask)) for e in examples], cfg,
                    what="pretraining data")
     model = init_model(cfg, seed=seed)

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import jax.numpy as jnp
 
-from lgeo_jax.config import TrainConfig
 from lgeo_jax.data import TokenizedExample
 from lgeo_jax.lora import LoraAdapters, concat_adapters
 from lgeo_jax.model import Gemma2
+from lgeo_jax.train._config import TrainConfig
 from lgeo_jax.train._lora_trainer import TrainResult, train_lora
 
 

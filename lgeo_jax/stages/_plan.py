@@ -6,10 +6,12 @@ import os
 
 import jax.numpy as jnp
 
-from lgeo_jax.config import BUILTIN_DATA, StudyConfig, is_placeholder
-from lgeo_jax.lora import AdapterSpec, target_dims
+from lgeo_jax.config import is_placeholder
+from lgeo_jax.lora import target_dims
 from lgeo_jax.model import Gemma2Config, abstract_model, count_params
-from lgeo_jax.stages._inputs import builtin_model_config
+from lgeo_jax.sae import estimate_sae_memory
+from lgeo_jax.stages._corpus import corpus_size_bytes
+from lgeo_jax.study import StudyConfig
 
 _PRESETS = {(c.n_layers, c.d_model): (name, c) for name, c in (
     ("gemma2_2b", Gemma2Config.gemma2_2b()), ("gemma2_9b", Gemma2Config.gemma2_9b()),
@@ -17,7 +19,7 @@ _PRESETS = {(c.n_layers, c.d_model): (name, c) for name, c in (
 # The synthetic tokenizer's vocabulary (lgeo_jax.data.write_synthetic_dataset's default).
 _SYNTHETIC_VOCAB = 1024
 # Kept tokens per record when no token budget is set (template + response, no BOS): measured means of the
-# Gemma tokenizer on Alpaca (106.9, ../shared/data/README.md) and of the synthetic default (~63).
+# Gemma tokenizer on the 5,000-record Alpaca subset (106.9 per record) and of the synthetic default (~63).
 _TOKENS_PER_RECORD_ALPACA = 107
 _TOKENS_PER_RECORD_SYNTHETIC = 63
 
@@ -26,8 +28,8 @@ def planned_model_config(config: StudyConfig) -> tuple[Gemma2Config, str]:
     """The architecture a config will run, and where it came from (no weights are read)."""
     m = config.model
     if m.is_builtin:
-        vocab = m.builtin.vocab_size or _SYNTHETIC_VOCAB
-        return builtin_model_config(config, vocab), f"built-in tiny model (vocab {vocab})"
+        cfg = m.builtin.with_vocab(_SYNTHETIC_VOCAB)
+        return cfg, f"built-in tiny model (vocab {cfg.vocab_size})"
     if not is_placeholder(m.checkpoint) and os.path.isfile(os.path.join(m.checkpoint, "config.json")):
         return Gemma2Config.from_hf_dir(m.checkpoint), f"{m.checkpoint}/config.json"
     preset = _PRESETS.get((m.n_layers, m.d_model))
@@ -38,20 +40,13 @@ def planned_model_config(config: StudyConfig) -> tuple[Gemma2Config, str]:
     return preset[1], f"preset {preset[0]} (checkpoint not available here; matched by n_layers/d_model)"
 
 
-def adapter_specs(config: StudyConfig) -> list[AdapterSpec]:
-    lora = config.lora
-    alphas = lora.alphas or [lora.alpha_over_rank * r for r in lora.ranks]
-    return [AdapterSpec(rank=r, alpha=a, targets=lora.targets, use_rslora=lora.use_rslora, dropout=lora.dropout,
-                        name=f"r{r}") for r, a in zip(lora.ranks, alphas, strict=True)]
-
-
 def _gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:,.2f} GiB"
 
 
 def plan_text(config: StudyConfig) -> str:
     cfg, source = planned_model_config(config)
-    dtype = jnp.dtype(config.model.dtype.value if config.model.dtype else "bfloat16")
+    dtype = jnp.dtype(config.model.param_dtype or "bfloat16")
     total = count_params(abstract_model(cfg, param_dtype=dtype))
     lines = [
         f"Model: {source}",
@@ -63,7 +58,7 @@ def plan_text(config: StudyConfig) -> str:
         "LoRA adapters (trainable parameters, % of the base model's parameters):",
     ]
     dims = target_dims(cfg)
-    for spec in adapter_specs(config):
+    for spec in config.lora.adapter_specs():
         n = spec.trainable_params(cfg.n_layers, dims)
         lines.append(f"  rank {spec.rank:>3}, alpha {spec.alpha:g}, targets {','.join(spec.targets)}: {n:>13,} "
                      f"= {100 * n / total:.4f}% (3 d.p.: {100 * n / total:.3f}%)")
@@ -74,14 +69,12 @@ def plan_text(config: StudyConfig) -> str:
 
 
 def _corpus_lines(config: StudyConfig, cfg: Gemma2Config) -> list[str]:
-    from lgeo_jax.stages._corpus import corpus_size_bytes
-
     ex = config.extract
     if ex.token_budget:
         tokens, how = ex.token_budget, "extract.token_budget"
     else:
         records = sum(getattr(config.data, s)[1] - getattr(config.data, s)[0] for s in ex.splits)
-        per_record = _TOKENS_PER_RECORD_SYNTHETIC if config.data.source == BUILTIN_DATA else _TOKENS_PER_RECORD_ALPACA
+        per_record = _TOKENS_PER_RECORD_SYNTHETIC if config.data.is_synthetic else _TOKENS_PER_RECORD_ALPACA
         tokens, how = records * per_record, f"estimate: {records:,} records x ~{per_record} tokens"
     per_array = tokens * cfg.d_model * jnp.dtype(ex.store_dtype.value).itemsize
     n_arrays = len(ex.layers) * (1 + len(config.lora.ranks))
@@ -92,8 +85,6 @@ def _corpus_lines(config: StudyConfig, cfg: Gemma2Config) -> list[str]:
 
 
 def _sae_lines(config: StudyConfig, cfg: Gemma2Config) -> list[str]:
-    from lgeo_jax.sae import Arch, estimate_sae_memory
-
     s = config.sae
     width = s.resolved_width(cfg.d_model)
     n_delta = len(config.lora.ranks) * len(config.extract.layers) * len(s.seeds)
@@ -102,7 +93,7 @@ def _sae_lines(config: StudyConfig, cfg: Gemma2Config) -> list[str]:
              f"batch {s.batch_size}, float32 with Adam, trained in one job:"]
     for devices in (1, 8):
         mem = estimate_sae_memory(cfg.d_model, width, n_delta + n_base, s.batch_size, {"model": devices, "data": 1},
-                                  arch=Arch(s.architecture.value))
+                                  arch=s.architecture)
         lines.append(f"  on {devices} device(s), SAE axis sharded: {mem.describe()}")
     return lines
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from lgeo_jax.lora import LoraAdapters, prepare_adapters, stacked_lora
+from lgeo_jax.lora._adapters import LoraAdapters, prepare_adapters, stacked_lora
 from lgeo_jax.model import Gemma2
 
 
@@ -30,7 +30,7 @@ def check_layers(layers: Sequence[int], n_layers: int) -> tuple[int, ...]:
 @functools.partial(jax.jit, static_argnames=("graphdef", "layers", "n_adapters", "dtype"))
 def _residuals_jit(graphdef, state, input_ids, attention_mask, lora, *, layers, n_adapters, dtype):
     model = nnx.merge(graphdef, state)
-    x, positions, valid = model._prepare(input_ids, attention_mask, n_adapters, dtype)
+    x, positions, valid = model.prepare_inputs(input_ids, attention_mask, n_adapters, dtype)
     # Only the blocks up to the deepest requested layer run; no final norm, no LM head.
     _, captured = model.run_blocks(x, positions, valid, n_layers=max(layers) + 1, capture=layers, lora=lora)
     c, _, t, d = captured.shape

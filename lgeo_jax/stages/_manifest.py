@@ -1,4 +1,4 @@
-"""Stage directories under a run directory: manifests, staleness, resume, and atomic writes.
+"""Stage directories under a run directory: manifests, staleness and resume.
 
 A run directory holds one directory per pipeline stage (`runs/tiny/{data,base,adapters,corpus,saes,
 analysis,report}`), each with a `manifest.json` recording what the stage's output was made from:
@@ -7,171 +7,49 @@ read. Comparing those with the current config and upstream manifests tells a sta
 complete, resumable (interrupted with the same inputs), or stale (and which downstream stages that
 invalidates). Progress entries (`committed_batches`, finished units) live in the same manifest.
 
-Crash safety rests on one rule: nothing is renamed to its final name until it is fully written.
-Files go through a temp file in the same directory, fsync, `os.replace`; directories are built as
-`name.tmp-XXXX` and renamed when complete; a stage is complete only when its manifest says so.
-Leftovers of an interrupted write carry `.tmp-` in their name and are removed by
-`remove_temporaries` (a resumed stage does this itself). Call the writing functions from one
-process (process 0 on multi-host runs).
+Crash safety: every file is written atomically (`lgeo_jax.files`), a stage is complete only when its
+manifest says so, and leftovers of an interrupted write (`.tmp-` in their name) are removed when the stage
+resumes. Call the writing functions from one process (process 0 on multi-host runs). The loop that begins,
+runs and finishes stages is `lgeo_jax.stages.run_stages`; inside a stage function::
 
-Typical stage::
-
-    run = Run(config.run_dir, config)
-    stage = run.begin("saes", force=force)        # complete / resumed / fresh
-    if not stage.is_complete:
-        for unit in units:                        # e.g. "r4/L5"
-            if stage.is_done(unit):
-                continue
-            with atomic_directory(stage.path / unit, overwrite=True) as tmp:
-                write_outputs(tmp)
-            stage.mark_done(unit)
-        stage.finish()
+    for unit in units:                            # e.g. "r4/L5"
+        if stage.is_done(unit):
+            continue
+        with atomic_directory(stage.path / unit, overwrite=True) as tmp:
+            write_outputs(tmp)
+        stage.mark_done(unit)
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from lgeo_jax.config import StudyConfig, canonical_json, section_hashes
+from lgeo_jax.files import TMP_MARK, atomic_write_json, json_hash, remove_temporaries
+from lgeo_jax.study import StudyConfig, section_hashes
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
-TMP_MARK = ".tmp-"
-
-
-# ---- atomic writes ------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` to `path` so that `path` holds either its old content or all of `data`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a fresh `path.tmp-XXXX` sibling to fill; renames it to `path` only if the block succeeds.
-
-    On an exception the temp directory is removed; after a hard crash it stays behind under its
-    temp name, which never looks complete. With `overwrite`, an existing `path` is replaced (moved
-    aside under a temp name first, so at no moment does a half-old, half-new `path` exist).
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{path.name}{TMP_MARK}"))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f"{path.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def is_temporary(path: str | os.PathLike) -> bool:
-    """True for the leftovers of an unfinished atomic write (never a finished output)."""
-    return TMP_MARK in Path(path).name
-
-
-def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Deletes unfinished atomic writes anywhere under `directory`; returns what was removed.
-
-    Only for a directory no other process is writing into (stages call it when they resume).
-    """
-    removed = []
-    for dirpath, dirnames, filenames in os.walk(directory):
-        for name in [d for d in dirnames if is_temporary(d)]:
-            shutil.rmtree(os.path.join(dirpath, name))
-            removed.append(Path(dirpath, name))
-            dirnames.remove(name)
-        for name in filenames:
-            if is_temporary(name):
-                os.unlink(os.path.join(dirpath, name))
-                removed.append(Path(dirpath, name))
-    return sorted(removed)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
 
 
 # ---- the pipeline's stages ----------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class StageSpec:
-    """A stage: the config sections its output depends on and the stages whose output it reads."""
+class StageSpec(Protocol):
+    """What the manifests need to know of a stage: the config sections its output depends on and the stages
+    whose output it reads (`lgeo_jax.stages.Stage` is one)."""
 
     name: str
     sections: tuple[str, ...]
-    inputs: tuple[str, ...] = ()
-
-
-PIPELINE = (
-    StageSpec("data", sections=("data",)),  # records (synthetic ones written out) + tokenizer
-    StageSpec("base", sections=("model",), inputs=("data",)),  # the base model (builtin: pretrained here)
-    StageSpec("adapters", sections=("lora", "train"), inputs=("data", "base")),
-    StageSpec("corpus", sections=("extract",), inputs=("data", "base", "adapters")),
-    StageSpec("saes", sections=("sae",), inputs=("corpus",)),
-    StageSpec("analysis", sections=("analysis",), inputs=("corpus", "saes")),
-    StageSpec("report", sections=("report",), inputs=("analysis",)),
-)
-"""DESIGN.md section 1, one directory each; inputs always precede their consumers."""
+    inputs: tuple[str, ...]
 
 
 class Status(enum.Enum):
@@ -213,7 +91,7 @@ class Manifest:
             "sections": dict(self.sections),
             "inputs": dict(self.inputs),
         }
-        return hashlib.sha256(canonical_json(ident).encode()).hexdigest()[:16]
+        return json_hash(ident)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -297,9 +175,9 @@ class StageCheck:
 class Run:
     """The stages of one study under `root`, judged against `config`."""
 
-    def __init__(self, root: str | os.PathLike, config: StudyConfig, pipeline: tuple[StageSpec, ...] = PIPELINE):
+    def __init__(self, root: str | os.PathLike, config: StudyConfig, pipeline: Sequence[StageSpec]):
         self.root = Path(root)
-        self.pipeline = pipeline
+        self.pipeline = tuple(pipeline)
         self._specs = {spec.name: spec for spec in pipeline}
         seen: set[str] = set()
         for spec in pipeline:

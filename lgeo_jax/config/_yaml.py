@@ -1,7 +1,10 @@
-"""YAML file -> StudyConfig (with `--set key=value` overrides), and back to YAML.
+"""YAML file -> a validated root `Section` (with `--set key=value` overrides), and back to YAML.
 
 YAML is composed once for the data and once for the node tree, so every problem can name the line
-of its key, and duplicate keys (which PyYAML silently resolves to the last one) are reported.
+of its key, and duplicate keys (which PyYAML silently resolves to the last one) are reported. Anchors
+and aliases are refused: configs never need them, and aliases are how a 1 KB file expands without
+bound (the "billion laughs"). Paths that must exist are the root's business: it may define
+`path_problems()` (returning `Problem`s), called when `check_paths` is set.
 """
 
 from __future__ import annotations
@@ -12,34 +15,39 @@ from typing import Any
 
 import yaml
 
-from lgeo_jax.config._convert import _INVALID, from_mapping, to_plain
+from lgeo_jax.config._convert import _INVALID, Section, from_mapping, to_plain
 from lgeo_jax.config._errors import ConfigError, Problem
-from lgeo_jax.config._paths import path_problems
-from lgeo_jax.config._sections import StudyConfig
+
+MAX_CONFIG_BYTES = 1_000_000
 
 
-def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *, check_paths: bool = False) -> StudyConfig:
-    """Reads and validates a study config; raises one `ConfigError` naming every problem.
+def load_yaml(cls: type[Section], path: str | os.PathLike, overrides: Iterable[str] = (), *,
+              check_paths: bool = False) -> Any:
+    """Reads and validates a config of root type `cls`; raises one `ConfigError` naming every problem.
 
     `overrides` are `dotted.key=value` strings (value parsed as a YAML scalar or list, e.g.
-    `extract.layers=[5,10]`). `check_paths` also requires the checkpoint, data, tokenizer and Gemma
-    Scope paths to exist (stages that read them call it; `lgeo validate` may skip it).
+    `extract.layers=[5,10]`). `check_paths` also runs the root's `path_problems()`.
     """
     source = os.fspath(path)
     try:
+        if os.path.getsize(source) > MAX_CONFIG_BYTES:
+            raise ConfigError([Problem("", f"config file is over {MAX_CONFIG_BYTES:,} bytes; is it a config?")],
+                              source=source)
         with open(source, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise ConfigError([Problem("", f"cannot read the config file ({e.strerror})")], source=source) from e
-    return config_from_yaml(text, overrides, check_paths=check_paths, source=source)
+    except UnicodeDecodeError as e:
+        raise ConfigError([Problem("", f"not UTF-8 text ({e.reason} at byte {e.start})")], source=source) from e
+    return from_yaml(cls, text, overrides, check_paths=check_paths, source=source)
 
 
-def config_from_yaml(
-    text: str, overrides: Iterable[str] = (), *, check_paths: bool = False, source: str = "<yaml>"
-) -> StudyConfig:
-    """Same as `load_config` for YAML text already in memory."""
+def from_yaml(cls: type[Section], text: str, overrides: Iterable[str] = (), *, check_paths: bool = False,
+              source: str = "<yaml>") -> Any:
+    """Same as `load_yaml` for YAML text already in memory."""
     problems: list[Problem] = []
     try:
+        _refuse_aliases(text, source)
         raw = yaml.safe_load(text)
         lines = _key_lines(yaml.compose(text), "", problems)
     except yaml.YAMLError as e:
@@ -56,30 +64,32 @@ def config_from_yaml(
     raw = apply_overrides(raw, overrides, problems) if isinstance(raw, Mapping) else raw
     for item in overrides:  # an overridden key's problems have no line in the file
         lines[item.partition("=")[0].strip()] = None
-    return _build(raw, problems, lines, source, check_paths)
+    return _build(cls, raw, problems, lines, source, check_paths)
 
 
-def config_from_dict(
-    raw: Mapping[str, Any],
-    overrides: Iterable[str] = (),
-    *,
-    check_paths: bool = False,
-    source: str = "<dict>",
-) -> StudyConfig:
-    """Same as `load_config` for an already-parsed mapping (e.g. a dumped config)."""
+def from_dict(cls: type[Section], raw: Mapping[str, Any], overrides: Iterable[str] = (), *,
+              check_paths: bool = False, source: str = "<dict>") -> Any:
+    """Same as `load_yaml` for an already-parsed mapping (e.g. a dumped config)."""
     problems: list[Problem] = []
-    return _build(apply_overrides(raw, list(overrides), problems), problems, {}, source, check_paths)
+    return _build(cls, apply_overrides(raw, list(overrides), problems), problems, {}, source, check_paths)
 
 
-def _build(
-    raw: Any, problems: list[Problem], lines: Mapping[str, int | None], source: str, check_paths: bool
-) -> StudyConfig:
-    config = from_mapping(StudyConfig, raw, "", problems)
-    if config is not _INVALID and check_paths:
-        problems.extend(path_problems(config))
+def _build(cls: type[Section], raw: Any, problems: list[Problem], lines: Mapping[str, int | None], source: str,
+           check_paths: bool) -> Any:
+    config = from_mapping(cls, raw, "", problems)
+    if config is not _INVALID and check_paths and hasattr(config, "path_problems"):
+        problems.extend(config.path_problems())
     if problems:
         raise ConfigError(problems, source=source).with_lines(lines, source)
     return config
+
+
+def _refuse_aliases(text: str, source: str) -> None:
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            line = event.start_mark.line + 1
+            raise ConfigError([Problem("", f"YAML alias '*{event.anchor}' found; lgeo configs do not use anchors or "
+                                           "aliases (write the values out)", line)], source=source)
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: list[str], problems: list[Problem]) -> dict:
@@ -114,14 +124,9 @@ def apply_overrides(raw: Mapping[str, Any], overrides: list[str], problems: list
     return out
 
 
-def to_dict(config: StudyConfig) -> dict[str, Any]:
-    """The config as plain data (every field, defaults included; enums by value, tuples as lists)."""
-    return to_plain(config)
-
-
-def dump_config(config: StudyConfig) -> str:
-    """The config as YAML (every field, defaults included); loading it gives an equal config."""
-    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
+def dump_yaml(config: Section) -> str:
+    """A config as YAML (every field, defaults included); loading it gives an equal config."""
+    return yaml.safe_dump(to_plain(config), sort_keys=False, default_flow_style=False)
 
 
 def _copy(value: Any) -> Any:
