@@ -1,18 +1,33 @@
 """`lgeo`: the study's command line. Every stage command takes the same YAML config, `--out DIR` and
-`--set dotted.key=value` overrides; each runs its stage after any unfinished stages it depends on."""
+`--set dotted.key=value` overrides; each runs its stage after any unfinished stages it depends on.
+
+A stage command holds the run directory's lock for its whole life (a second one on the same directory
+exits at once, naming the holder; `lgeo status` still works), and SIGTERM (a timeout, SLURM, preemption)
+is handled like Ctrl-C: the running stage rolls back what it was replacing, and a rerun resumes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger("lgeo")
 log.propagate = False  # our messages go to the run's log file only, never a second copy on stderr
 log.addHandler(logging.NullHandler())
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so the same rollback runs."""
+
 
 def _add_config_args(p: argparse.ArgumentParser, *, out_required: bool) -> None:
     p.add_argument("config", help="study config (YAML), e.g. configs/tiny.yaml")
@@ -57,25 +72,41 @@ def _load(args: argparse.Namespace, *, check_paths: bool):
     return load_config(args.config, overrides, check_paths=check_paths)
 
 
-def _setup_run_dir(root: Path) -> None:
+@contextlib.contextmanager
+def _run_log(root: Path) -> Iterator[None]:
+    """lgeo.log and JAX's persistent compilation cache in the run directory, for the command's life."""
     import jax
 
-    root.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(root / "lgeo.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     jax.config.update("jax_compilation_cache_dir", str(root / ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    try:
+        yield
+    except (KeyboardInterrupt, Terminated) as e:
+        log.error("%s", "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted")
+        raise
+    except (ValueError, OSError) as e:
+        log.error("%s", e)
+        raise
+    except Exception:
+        log.error("unexpected error\n%s", traceback.format_exc())
+        raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()
 
 
 def _run_stages(args: argparse.Namespace, target: str) -> int:
-    from lgeo_jax.stages import run_stages
+    from lgeo_jax.stages import open_run, run_stages
 
     config = _load(args, check_paths=True)
     root = Path(config.run_dir)
-    _setup_run_dir(root)
-    outcomes = run_stages(config, target, force=tuple(args.force), echo=lambda line: print(line, flush=True))
+    # the lock (and the check that lgeo owns the directory) before lgeo.log is written into it
+    with open_run(config).lock(purpose=f"lgeo {args.command}"), _run_log(root):
+        outcomes = run_stages(config, target, force=tuple(args.force), echo=lambda line: print(line, flush=True))
     print("\nSummary")
     for o in outcomes:
         print(f"  {o.name:<9} {'done' if o.ran else 'skipped (complete)':<20} {o.seconds:8.1f} s")
@@ -94,9 +125,13 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from lgeo_jax.files import lock_holder
     from lgeo_jax.stages import open_run
 
     config = _load(args, check_paths=False)
+    holder = lock_holder(config.run_dir)
+    if holder is not None:
+        print(f"in use: {holder}; a stage shown as resumable may be the one running")
     for check in open_run(config).plan():
         print(check)
     return 0
@@ -110,8 +145,49 @@ def _export_sae(args: argparse.Namespace) -> int:
     return 0
 
 
+TERM_GRACE_S = 30.0  # how long a SIGTERM waits for the main thread before the process ends anyway
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_handled() -> Iterator[None]:
+    """SIGTERM raises `Terminated` in the main thread, so the running stage rolls back as for Ctrl-C. That thread
+    sees it only once it runs Python again; one blocked in native code (a long XLA call, a hang) would not, so
+    the signal's wakeup byte also reaches a watchdog thread at once, and if the process is still alive
+    `TERM_GRACE_S` later it ends like a SIGKILL (a rerun resumes)."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while data := os.read(read, 64):  # empty: the command is over
+            if signal.SIGTERM in data:
+                time.sleep(TERM_GRACE_S)
+                sys.stderr.write(f"lgeo: still running {TERM_GRACE_S:.0f} s after SIGTERM; exiting now "
+                                 "(rerun the same command to resume)\n")
+                os.kill(os.getpid(), signal.SIGKILL)
+        os.close(read)
+
+    threading.Thread(target=watch, name="lgeo-sigterm", daemon=True).start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write)
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    with _sigterm_handled():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "plan":
             return _plan(args)
@@ -123,12 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lgeo: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Terminated:
+        print("lgeo: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except (ValueError, OSError) as e:  # bad input: one clear message, no traceback
-        log.error("%s", e)
         print(f"lgeo: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # a bug: keep the traceback in the log, say where it is
-        log.error("unexpected error\n%s", traceback.format_exc())
+    except Exception as e:  # a bug: the run's log keeps the traceback (`_run_log`)
         print(f"lgeo: unexpected error: {type(e).__name__}: {e}\n(full traceback in the run's lgeo.log; "
               f"set LGEO_TRACEBACK=1 to print it)", file=sys.stderr)
         if os.environ.get("LGEO_TRACEBACK"):

@@ -6,19 +6,27 @@ A file goes through a temp file in the same directory, fsync, `os.replace`; a di
 and are removed by `remove_temporaries`. Files and directories get the permissions an ordinary `open` /
 `mkdir` would give (0644 / 0755 under the usual umask), not `tempfile`'s private 0600 / 0700: figures,
 configs and exports are for people and other tools to read.
+
+Also here, because every stage relies on them: an OS lock on a directory (one writer per run directory),
+a barrier that waits until nothing writes into a directory any more (before a rollback touches it), and
+content fingerprints of input files and directories (stale detection).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +157,186 @@ def _fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(dirpath)
+
+
+# ---- one writer per directory -------------------------------------------------------------------
+
+LOCK_NAME = ".lgeo.lock"
+_HELD: set[str] = set()  # realpaths of the directories this process has locked (the lock is re-entrant)
+
+
+class DirectoryBusy(OSError):
+    """Another process holds the directory's lock; the message names the holder (pid, host, command)."""
+
+
+@contextlib.contextmanager
+def locked_directory(directory: str | os.PathLike, *, purpose: str = "") -> Iterator[Path]:
+    """Holds an exclusive OS lock (`flock`) on `directory/.lgeo.lock` for the block's life; creates `directory`.
+
+    A second process (or host, where the filesystem supports flock) gets `DirectoryBusy` at once, naming the
+    holder's pid, host and `purpose`. The kernel drops the lock when the holder exits, however it dies, so a
+    killed run never leaves a stale lock. Re-entrant within one process; the lock file itself stays (removing
+    it would let two processes lock two different files of the same name).
+    """
+    directory = Path(directory)
+    key = os.path.realpath(directory)
+    if key in _HELD:  # an outer block of this process holds it, and releases it
+        yield directory
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DirectoryBusy(f"{directory} is in use by {_holder(fd)}; wait for it to finish or use another "
+                                "directory") from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
+                  "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        _HELD.add(key)
+        try:
+            yield directory
+        finally:
+            _HELD.discard(key)
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def lock_holder(directory: str | os.PathLike) -> str | None:
+    """Who holds `directory`'s lock ("pid 123 on host h (lgeo run ..., since ...)"), or None if nobody does."""
+    path = Path(directory) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode())
+        what = ", ".join(x for x in (info.get("purpose"), f"since {info['since']}") if x)
+        return f"pid {info['pid']} on host {info['host']} ({what})"
+    except (ValueError, KeyError, TypeError):  # the holder is between taking the lock and writing its name
+        return "another process (it has not written its pid yet)"
+
+
+# ---- waiting for writers, removing trees --------------------------------------------------------
+
+
+def wait_until_quiet(directory: str | os.PathLike, *, settle: float = 0.5, timeout: float = 300.0) -> None:
+    """Returns once nothing in this process writes under `directory`: no open file of this process inside it
+    (Linux `/proc/self/fd`) and no file created, resized, touched or removed for `settle` seconds.
+
+    For a rollback after a failure: asynchronous writers the failure did not stop (tensorstore's I/O
+    threads, orbax's save thread) finish or fail within moments, and deleting or renaming the directory
+    under them would race them. Raises TimeoutError after `timeout` seconds of continued activity.
+    """
+    directory = os.path.realpath(directory)
+    deadline = time.monotonic() + timeout
+    last, quiet_since = None, time.monotonic()
+    while True:
+        now = time.monotonic()
+        state = (_tree_state(directory), _open_files_under(directory))
+        if state != last or state[1]:
+            last, quiet_since = state, now
+        elif now - quiet_since >= settle:
+            return
+        if now > deadline:
+            raise TimeoutError(f"{directory}: still being written after {timeout:.0f} s")
+        time.sleep(min(0.05, settle / 4))
+
+
+def _tree_state(root: str) -> frozenset:
+    state = set()
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(path)
+                state.add((path, st.st_size, st.st_mtime_ns))
+    return frozenset(state)
+
+
+def _open_files_under(root: str) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False  # no /proc: the settle time alone decides
+    prefix = root.rstrip("/") + "/"
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(prefix):
+                return True
+    return False
+
+
+def remove_tree(path: str | os.PathLike, *, attempts: int = 5) -> None:
+    """`shutil.rmtree`, retried while files still appear in it (a writer finishing); missing is fine."""
+    for attempt in range(attempts):
+        try:
+            shutil.rmtree(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+# ---- fingerprints of inputs ---------------------------------------------------------------------
+
+FULL_HASH_BYTES = 64 << 20
+EDGE_BYTES = 1 << 20
+
+
+def file_digest(path: str | os.PathLike, *, with_mtime: bool = False) -> str:
+    """`size:sha256` of a file: the whole content up to `FULL_HASH_BYTES`, else its first and last MiB (which
+    hold a safetensors / npz header and index, and differ between two trainings of the same architecture).
+    `with_mtime` adds the modification time of a file too large to hash whole, so a large file rewritten in
+    place with the same edges is still noticed (small files are judged by content alone: a copy is equal)."""
+    h = hashlib.sha256()
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        if st.st_size <= FULL_HASH_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+            return f"{st.st_size}:{h.hexdigest()}"
+        h.update(f.read(EDGE_BYTES))
+        f.seek(st.st_size - EDGE_BYTES)
+        h.update(f.read(EDGE_BYTES))
+    return f"{st.st_size}:{h.hexdigest()}" + (f":{st.st_mtime_ns}" if with_mtime else "")
+
+
+def paths_fingerprint(paths: Sequence[str | os.PathLike], *, with_mtime: bool = False) -> str:
+    """One hash over every file (relative name, `file_digest`) of the given files or directories, in order.
+    Raises FileNotFoundError naming a path that does not exist."""
+    h = hashlib.sha256()
+    for path in paths:
+        path = os.fspath(path)
+        if os.path.isfile(path):
+            h.update(b"\0file\0" + file_digest(path, with_mtime=with_mtime).encode())
+            continue
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: not found")
+        h.update(b"\0dir\0")
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                file = os.path.join(root, name)
+                h.update(os.path.relpath(file, path).encode() + b"\0" + file_digest(file, with_mtime=with_mtime)
+                         .encode())
+    return h.hexdigest()[:32]
 
 
 # ---- reading and hashing JSON -------------------------------------------------------------------

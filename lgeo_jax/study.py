@@ -4,8 +4,10 @@
 `lgeo_jax.data.DataConfig`, `lora` / `train` / `extract` / `sae` / `analysis` / `report` are the configs
 of `lgeo_jax.lora`, `lgeo_jax.train`, `lgeo_jax.corpus`, `lgeo_jax.sae`, `lgeo_jax.analysis` and
 `lgeo_jax.report`. What lives here is what no single package can check: layers against the model's
-depth, splits the later stages need, sizes that involve the model and the SAE, and (when asked) that the
-files the config points at exist.
+depth, splits the later stages need, sizes that involve the model and the SAE, (when asked) that the
+files the config points at exist, and `resources`: what the run may assume of the machine, which
+`lgeo run` compares with the plan's memory and disk before any stage starts (`lgeo_jax.stages`, a layer
+above, owns that check but cannot nest a section of its own here).
 
 Typical use::
 
@@ -30,6 +32,7 @@ from lgeo_jax.config import (
     field,
     from_dict,
     from_yaml,
+    greater,
     is_placeholder,
     load_yaml,
     section,
@@ -49,6 +52,18 @@ SECTION_NAMES = ("model", "data", "lora", "train", "extract", "sae", "analysis",
 
 
 @section
+class ResourceConfig(Section):
+    """What `lgeo run` may assume of this machine. Before any stage starts, the plan's device memory, host
+    memory and disk are compared with these (None: detected) and a run that cannot fit is refused, with the
+    figures; `check: false` proceeds anyway. Operational only: no result depends on them."""
+
+    check: bool = field(True, affects_results=False)
+    device_memory_gib: float | None = field(None, check=greater(0), affects_results=False)  # per device
+    host_memory_gib: float | None = field(None, check=greater(0), affects_results=False)
+    disk_gib: float | None = field(None, check=greater(0), affects_results=False)  # free, where outputs go
+
+
+@section
 class StudyConfig(Section):
     """The whole study. `run_dir` holds one directory per stage (see `lgeo_jax.stages`).
 
@@ -65,6 +80,7 @@ class StudyConfig(Section):
     sae: SAETrainConfig = field(SAETrainConfig())
     analysis: AnalysisConfig = field(AnalysisConfig())
     report: ReportConfig = field(ReportConfig())
+    resources: ResourceConfig = field(ResourceConfig())
 
     @cross_check("model", "extract")
     def _layers_exist(self) -> Iterator[Problem]:

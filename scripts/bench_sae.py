@@ -1,10 +1,14 @@
-"""Benchmark: SAE training throughput, many SAEs vmapped vs one at a time vs plain torch vs SAELens.
+"""Benchmark: SAE training throughput, many SAEs vmapped vs one at a time vs plain torch vs SAELens, and one
+SAE of each architecture (ReLU + L1, TopK and BatchTopK with AuxK, JumpReLU) against SAELens' own trainer.
 
-All four run the same math on the same random data (ReLU SAE, MSE summed over d + L1 on activations,
+The first table runs the same math on the same random data (ReLU SAE, MSE summed over d + L1 on activations,
 Adam, unit-norm decoder rows renormalised after each step; SAELens uses its own standard trainer, whose
 L1 is decoder-norm weighted instead). Throughput is in SAE-tokens/s: tokens x SAEs trained per second,
 so a loop over SAEs and one vmapped step over all of them compare directly. FLOPs per SAE-token are
-about 12 d_in d_sae (encoder + decoder forward, twice that backward). Writes bench/sae.md.
+about 12 d_in d_sae (encoder + decoder forward, twice that backward). The per-architecture table times one
+training step of one SAE, ours (`lgeo_jax.sae` train step, jitted) vs SAELens' `SAETrainer.step` with its
+training SAE of that architecture (whose loss ours equals: tests/test_sae_losses.py), same shapes and data.
+Writes bench/sae.md (or --out).
 
     python scripts/bench_sae.py --d-in 512 --d-sae 2048 --n-sae 24 --batch 512 --steps 4
 """
@@ -23,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from lgeo_jax.sae import SAEConfig, SAETrainConfig, estimate_sae_memory
+from lgeo_jax.sae import Arch, SAEConfig, SAETrainConfig, estimate_sae_memory
 from lgeo_jax.sae._models import init_params
 from lgeo_jax.sae._step import SAEState, make_optimizer
 from lgeo_jax.sae._train import _multi_step
@@ -52,15 +56,16 @@ def jax_states(n: int, cfg: SAEConfig, optimizer, seed0: int) -> SAEState:
                     jnp.ones(n, jnp.float32))
 
 
-def time_jax(x: np.ndarray, cfg: SAEConfig, steps: int, group: int) -> float:
+def time_jax(x: np.ndarray, cfg: SAEConfig, steps: int, group: int, tc: SAETrainConfig | None = None) -> float:
     """Seconds per step for all SAEs, stepping ``group`` SAEs per jitted call (group = n: vmapped; 1: a loop)."""
     n = x.shape[0]
-    tc = SAETrainConfig(steps=steps + 1)
+    tc = SAETrainConfig(steps=steps + 1) if tc is None else tc
     opt = make_optimizer(tc, steps + 1)
-    step = jax.jit(functools.partial(_multi_step, sae_cfg=cfg, train_cfg=tc, optimizer=opt), donate_argnums=0)
+    step = jax.jit(functools.partial(_multi_step, sae_cfg=cfg, train_cfg=tc, optimizer=opt,
+                                     dead_steps=tc.dead_window_steps(steps + 1)), donate_argnums=0)
     states = [jax_states(group, cfg, opt, i) for i in range(0, n, group)]
     xs = [jnp.asarray(x[i:i + group]) for i in range(0, n, group)]
-    l1 = jnp.full((group,), 0.1, jnp.float32)
+    l1 = jnp.full((group,), 0.1 if cfg.architecture is Arch.RELU else 0.0, jnp.float32)
 
     def one_round(t):
         for j in range(len(states)):
@@ -129,6 +134,56 @@ def time_saelens(x: np.ndarray, d_sae: int, steps: int) -> float:
     return run(steps) / steps
 
 
+def arch_train_config(arch: Arch, d_sae: int, k: int, steps: int) -> SAETrainConfig:
+    """Our settings for one architecture, with SAELens' defaults where it has them (AuxK 1.0, L0 1.0, ...)."""
+    # dead window = the whole run: like SAELens (1,000-step window) no latent is dead in a short timing, so
+    # neither side runs AuxK and both do the same work
+    return SAETrainConfig(architecture=arch, width=d_sae, steps=steps, k=k if arch.uses_k else None,
+                          l1=0.1 if arch is Arch.RELU else None, dead_window_fraction=1.0)
+
+
+def time_saelens_arch(arch: Arch, x: np.ndarray, d_sae: int, k: int, steps: int) -> float:
+    """Seconds per `SAETrainer.step` of SAELens' training SAE of this architecture (one SAE, our batch)."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    b, d = x.shape
+    make = {Arch.RELU: lambda: StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d, d_sae=d_sae, l1_coefficient=0.1)),
+            Arch.TOPK: lambda: TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=d_sae, k=k)),
+            Arch.BATCHTOPK: lambda: BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d, d_sae=d_sae, k=k)),
+            Arch.JUMPRELU: lambda: JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d, d_sae=d_sae))}[arch]
+    cfg = SAETrainerConfig(total_training_samples=(steps + 1) * b, train_batch_size_samples=b, lr=1e-4, lr_end=1e-4)
+    trainer = SAETrainer(cfg, make(), data_provider=iter(()))  # batches come from us
+    batch = torch.from_numpy(x)
+    trainer.step(batch)  # warm-up
+    trainer.n_training_steps += 1
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.step(batch)
+        trainer.n_training_steps += 1
+    return (time.perf_counter() - t0) / steps
+
+
+def arch_table(x: np.ndarray, d_sae: int, k: int, steps: int, archs: list[Arch]) -> list[str]:
+    b, d = x.shape
+    lines = [f"One SAE per architecture, d_in={d}, d_sae={d_sae}, batch {b}, k={k} (TopK / BatchTopK), {steps} timed "
+             "steps after one warm-up, float32; SAELens = its `SAETrainer.step` with that architecture's training "
+             "SAE (same loss as ours; it also clips gradients at norm 1 and keeps its own dead-latent counters). "
+             f"1-min load average {os.getloadavg()[0]:.1f} at start.", "",
+             "| architecture | ours s / step | SAELens s / step | SAELens / ours |", "|---|---|---|---|"]
+    for arch in archs:
+        tc = arch_train_config(arch, d_sae, k, steps + 1)
+        ours = time_jax(x[None], tc.sae_config(d), steps, group=1, tc=tc)
+        lens = time_saelens_arch(arch, x, d_sae, k, steps)
+        lines.append(f"| {arch.value} | {ours:.4f} | {lens:.4f} | {lens / ours:.2f}x |")
+    lines.append(f"\n1-min load average {os.getloadavg()[0]:.1f} at end.")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d-in", type=int, default=512)
@@ -137,6 +192,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--skip-saelens", action="store_true")
+    ap.add_argument("--k", type=int, default=32, help="active latents of the TopK / BatchTopK SAEs")
+    ap.add_argument("--archs", default="relu,topk,batchtopk,jumprelu",
+                    help="architectures of the per-architecture table vs SAELens ('' skips it)")
+    ap.add_argument("--arch-steps", type=int, default=None, help="timed steps per architecture (default --steps)")
     ap.add_argument("--out", default="bench/sae.md")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -178,6 +237,10 @@ def main() -> None:
     mem = estimate_sae_memory(3584, 16384, 24, 512, {"model": 8, "data": 1})
     lines += ["", f"Paper scale (24 SAEs of 3584 x 16384, batch 512) on an 8-way SAE mesh: {mem.describe()}.",
               f"On one device: {estimate_sae_memory(3584, 16384, 24, 512, {}).describe()}."]
+    archs = [Arch(a) for a in args.archs.split(",") if a]
+    if archs:
+        lines += ["", "## Per architecture vs SAELens", ""]
+        lines += arch_table(x[0], args.d_sae, args.k, args.arch_steps or args.steps, archs)
     text = "\n".join(lines) + "\n"
     print(text)
     out = pathlib.Path(args.out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 MICRO = REPO / "configs" / "micro.yaml"
 # Tables a complete micro report must contain (Table 12 comes from micro's small L1 sweep).
 TABLES = ("table4", "table5", "table6", "table7", "table8", "table9", "table10", "table11", "table12")
+# Headline numbers that must carry `.ci_low` / `.ci_high` rows in every (adapter, layer) cell, and those of
+# Tables 9-11 that must carry a verdict `.vs_null` (issue 15's acceptance).
+HEADLINES = (("table4", "mean_norm"), ("table5", "difference.rel_l2"), ("table5", "direct.rel_l2"),
+             ("table5", "zero_input.rel_l2"), ("table5", "mean_delta.rel_l2"), ("table6", "0.rel_l2"),
+             ("table7", "difference.rel_l2"), ("table8", "all.overlap"), ("table9", "delta_vs_dictionary.mean"),
+             ("table10", "delta_vs_dictionary.mean"), ("table11", "delta_base"), ("table11", "base_adapted"),
+             ("table11", "null_base_adapted"), ("table11", "variance_ratio"))
+VERDICTS = (("table9", "delta_vs_dictionary.mean"), ("table9", "delta_vs_dictionary.mnn"),
+            ("table10", "delta_vs_dictionary.mean"), ("table11", "delta_base"), ("table11", "base_adapted"))
+_INTERVAL = re.compile(r"\d \[-?\d[\d.]*, -?\d[\d.]*\]")  # "0.123 [0.110, 0.131]"
 
 
 def lgeo(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -27,7 +38,8 @@ def figure_rows(run_dir: Path) -> list[dict]:
 
 
 def check_report(run_dir: Path) -> None:
-    """Every table present, every value finite and within its valid range."""
+    """Every table present, every value finite and within its valid range; every headline number of Tables 4-11 with
+    its interval in figures.json and report.md, and the verdicts of Tables 9-11."""
     rows = figure_rows(run_dir)
     present = {r["table"] for r in rows}
     missing = [t for t in TABLES if t not in present]
@@ -39,13 +51,40 @@ def check_report(run_dir: Path) -> None:
             continue
         if not math.isfinite(v):
             raise AssertionError(f"non-finite {r}")
+        if m.endswith((".vs_null", ".vs_random")):
+            if v not in (-1, 0, 1):
+                raise AssertionError(f"verdict not in -1 / 0 / 1 {r}")
+            continue
+        if m.startswith("variance_ratio"):
+            if v < 0:
+                raise AssertionError(f"negative variance ratio {r}")
+            continue
         if "pct" in m and not 0 <= v <= 100:
             raise AssertionError(f"percentage out of range {r}")
         if r["table"] == "table11" and not -1e-6 <= v <= 1 + 1e-6:
             raise AssertionError(f"CKA out of range {r}")
         if r["table"] == "table10" and m.endswith((".mean", ".min")) and not 0 <= v <= 90:
             raise AssertionError(f"angle out of range {r}")
+    keys = {(r["table"], r["adapter"], r["layer"], r["metric"]) for r in rows}
+    cells = {(r["adapter"], r["layer"]) for r in rows if r["table"] == "table9"}
+    for table, metric in HEADLINES:
+        for adapter, layer in cells:
+            for suffix in ("", ".ci_low", ".ci_high"):
+                if (table, adapter, layer, metric + suffix) not in keys:
+                    raise AssertionError(f"figures.json has no {table} {metric}{suffix} for {adapter} L{layer}")
+    for table, metric in VERDICTS:
+        for adapter, layer in cells:
+            if (table, adapter, layer, f"{metric}.vs_null") not in keys:
+                raise AssertionError(f"figures.json has no verdict {table} {metric}.vs_null for {adapter} L{layer}")
     report = (run_dir / "report" / "report.md").read_text()
+    sections = re.split(r"\n## ", report)
     for n in range(4, 13):
-        if f"## Table {n}" not in report:
+        section = next((s for s in sections if s.startswith(f"Table {n}:")), None)
+        if section is None:
             raise AssertionError(f"report.md has no Table {n} section")
+        if 4 <= n <= 11 and not _INTERVAL.search(section):
+            raise AssertionError(f"report.md's Table {n} shows no interval")
+        if 9 <= n <= 11 and not any(mark in section for mark in "▲▼≈"):
+            raise AssertionError(f"report.md's Table {n} shows no verdict")
+    if "## Training health of the SAEs" not in report:
+        raise AssertionError("report.md does not open with the training-health section")

@@ -9,9 +9,10 @@ from lgeo_jax.sae import ArraySource, SAETrainConfig, train_saes
 from lgeo_jax.sharding import make_mesh
 
 D, M = 32, 48  # input width, ground-truth dictionary size
+P_ACTIVE = 0.06  # chance a planted direction is active in a row: 2.9 of 48 on average
 
 
-def planted(n: int, seed: int, p_active: float = 0.06, noise: float = 0.02):
+def planted(n: int, seed: int, p_active: float = P_ACTIVE, noise: float = 0.02):
     """Rows = sparse non-negative codes (about 3 of 48 active, exponential sizes) x unit directions + noise."""
     gt = np.random.default_rng(0).normal(size=(M, D))
     gt /= np.linalg.norm(gt, axis=1, keepdims=True)

@@ -120,7 +120,7 @@ def test_loader_errors(tmp_path):
         load_alpaca(missing)
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps([{"instruction": "a", "input": 3, "output": "b"}]))
-    with pytest.raises(TypeError, match="field 'input' is int"):
+    with pytest.raises(ValueError, match="field 'input' is int"):
         load_alpaca(wrong)
     with pytest.raises(ValueError, match="needs a local file"):
         load_alpaca("tatsu-lab/alpaca", sha256="0" * 64)

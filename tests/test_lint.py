@@ -13,7 +13,8 @@ from e2e import REPO
 # Lower layers know nothing of higher ones; packages in one layer do not import each other.
 LAYERS = {
     "files": 0,
-    "config": 1, "safetensors_io": 1, "sharding": 1, "optim": 1,
+    "config": 1, "safetensors_io": 1, "optim": 1,
+    "sharding": 1.5,  # above config: its `mesh` section is a config Section; below everything that lays out arrays
     "data": 2, "model": 2, "geometry": 2, "sae": 2, "stats": 2,
     "lora": 3,
     "corpus": 4, "train": 4,

@@ -221,6 +221,25 @@ def test_bad_checkpoints_name_file_and_tensor(good_dir, case, match):
         lgeo_jax.load_model(good_dir)
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("num_hidden_layers", [2], r"field 'num_hidden_layers': expected an integer, got \[2\]"),
+    ("hidden_size", "big", r"field 'hidden_size': expected an integer, got 'big'"),
+    ("vocab_size", True, r"field 'vocab_size': expected an integer, got true"),
+    ("head_dim", 7, r"field 'head_dim': must be even for RoPE, got 7"),
+    ("layer_types", 3, r"field 'layer_types': expected a list, got 3"),
+    ("layer_types", ["sliding_attention", "dense"], r"field 'layer_types\[1\]': expected one of"),
+    ("rms_norm_eps", {"eps": 1}, r"field 'rms_norm_eps': expected a number"),
+    ("rope_parameters", [10000], r"rope_parameters is \[10000\], expected an object"),
+    ("num_key_value_heads", 4, r"field 'num_key_value_heads': must divide n_heads"),
+])
+def test_config_json_of_the_wrong_types_names_file_and_field(good_dir, field, value, match):
+    cfg = json.loads((good_dir / "config.json").read_text())
+    cfg[field] = value
+    (good_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"{good_dir / 'config.json'}: .*{match}"):
+        lgeo_jax.load_model(good_dir)
+
+
 def test_bad_residual_requests(good_dir):
     model = lgeo_jax.load_model(good_dir)
     ids = np.zeros((1, 4), np.int32)

@@ -18,7 +18,7 @@ from hf_tiny import SPECS, build_hf_model, save_hf_model
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
 
-from reference_torch import corpus, extract, geometry, sae, train_lora
+from reference_torch import corpus, extract, geometry, numpy_geometry, sae, train_lora
 
 SPEC = SPECS[0]  # GQA, head_dim != d_model / heads, 3 layers
 ADAPTERS = {"r2_qv": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
@@ -119,6 +119,19 @@ def test_lora_training_response_only_loss(checkpoints):
     times = train_lora.time_lora_steps(base_dir, [2], ids, loss_mask, 2, settings=settings, threads=2)
     assert set(times) == {2} and times[2] > 0
 
+    # init_dirs: a run starts from the given adapter (here run 0's trained one), so its first loss is the
+    # loss of those factors, not the base model's.
+    start = pathlib.Path(base_dir).parent / "trained_r2"
+    runs[0].model.save_pretrained(start)
+    again = train_lora.train_ranks(base_dir, [2], ids, loss_mask, 1, settings=settings, init_dirs=[start], threads=2)
+    runs[0].model.eval()
+    with torch.inference_mode():
+        trained_loss = np.mean([runs[0].model(**b).loss.item() for b in train_lora.make_batches(ids, loss_mask)])
+    np.testing.assert_allclose(again[0].losses[0], trained_loss, rtol=1e-5)
+    assert trained_loss < runs[0].losses[0] - 0.1
+    with pytest.raises(ValueError, match="init_dirs"):
+        train_lora.train_ranks(base_dir, [2, 4], ids, loss_mask, 1, settings=settings, init_dirs=[start])
+
 
 def _step_reference(params, x, scale, l1, lr):
     """One training step of one SAE in numpy float64 with hand-written gradients: (loss, params after).
@@ -159,6 +172,20 @@ def test_sae_step_matches_float64_reference_and_variants_agree():
             assert clear.mean() > 0.5
             np.testing.assert_allclose(one.params[k][s][clear], new[k][clear], atol=2e-6, err_msg=k)
 
+    # Dropping the decoder gradient's row-parallel part: Adam's first step follows the sign of what is left.
+    perp = sae.train_saes_bmm(x, f, steps=1, batch_size=batch, l1=l1, lr=1e-3, params=params, threads=2,
+                              remove_parallel_grad=True)
+    for s in range(n_sae):
+        _, _, grads = _step_reference({k: v[s] for k, v in params.items()}, x[s, :batch], scales[s], l1[s], 1e-3)
+        w = params["W_dec"][s].astype(np.float64)
+        g = grads["W_dec"] - np.sum(grads["W_dec"] * w, -1, keepdims=True) / np.sum(w * w, -1, keepdims=True) * w
+        new = w - 1e-3 * g / (np.abs(g) + 1e-8)
+        new /= np.linalg.norm(new, axis=-1, keepdims=True)
+        clear = np.abs(g) > 1e-3
+        assert clear.mean() > 0.5
+        np.testing.assert_allclose(perp.params["W_dec"][s][clear], new[clear], atol=2e-6)
+        assert not np.allclose(perp.params["W_dec"][s], one.params["W_dec"][s], atol=1e-5)  # the option acts
+
     kw = dict(steps=5, batch_size=batch, l1=l1, lr=1e-3, params=params, threads=2)
     bmm, loop = sae.train_saes_bmm(x, f, **kw), sae.train_saes_loop(x, f, **kw)
     np.testing.assert_allclose(loop.losses, bmm.losses, rtol=1e-5)
@@ -193,30 +220,37 @@ def test_max_cosine_matches_numpy_float64_with_dead_rows():
     for absolute in (False, True):
         c = np.abs(cos) if absolute else cos
         c[:, [0, 7]] = -np.inf
-        best, idx = geometry.max_cosine(a, b, chunk=8, absolute=absolute, threads=2)
         live = np.ones(37, bool)
         live[[3, 30]] = False
-        np.testing.assert_allclose(best[live], c.max(1)[live], atol=1e-6)
-        np.testing.assert_array_equal(idx[live], c.argmax(1)[live])
-        assert np.isnan(best[~live]).all() and (idx[~live] == -1).all()
+        results = [geometry.max_cosine(a, b, chunk=8, absolute=absolute, threads=2)]
+        if not absolute:
+            results.append(numpy_geometry.max_cosine(a, b, chunk=8))
+        for best, idx in results:
+            np.testing.assert_allclose(best[live], c.max(1)[live], atol=1e-6)
+            np.testing.assert_array_equal(idx[live], c.argmax(1)[live])
+            assert np.isnan(best[~live]).all() and (idx[~live] == -1).all()
     assert idx[5] == 11
-    best, idx = geometry.max_cosine(a, np.zeros((4, 20)))
-    assert np.isnan(best).all() and (idx == -1).all()
+    for best, idx in (geometry.max_cosine(a, np.zeros((4, 20))), numpy_geometry.max_cosine(a, np.zeros((4, 20)))):
+        assert np.isnan(best).all() and (idx == -1).all()
 
 
 def test_subspace_and_principal_angles_match_numpy_and_scipy():
     rng = np.random.default_rng(6)
     w = rng.normal(size=(60, 30)) * rng.uniform(0.1, 3.0, size=(60, 1))  # uneven row norms
-    basis = geometry.top_subspace(w, 5, threads=2)
     wn = w / np.linalg.norm(w, axis=1, keepdims=True)
     vt = np.linalg.svd(wn, full_matrices=False)[2][:5]
-    np.testing.assert_allclose(basis.T @ basis, vt.T @ vt, atol=1e-5)  # same subspace (projectors)
-    np.testing.assert_allclose(basis @ basis.T, np.eye(5), atol=1e-5)
+    for basis in (geometry.top_subspace(w, 5, threads=2), geometry.top_subspace(w, 5, method="gram"),
+                  numpy_geometry.top_subspace(w, 5)):
+        np.testing.assert_allclose(basis.T @ basis, vt.T @ vt, atol=1e-5)  # same subspace (projectors)
+        np.testing.assert_allclose(basis @ basis.T, np.eye(5), atol=1e-5)
 
     u, v = rng.normal(size=(6, 30)), rng.normal(size=(4, 30))
     ref = np.sort(np.degrees(scipy.linalg.subspace_angles(u.T, v.T)))
     for x, y in ((u, v), (v, u)):
         np.testing.assert_allclose(geometry.principal_angles(x, y), ref, atol=1e-9)
+        np.testing.assert_allclose(numpy_geometry.principal_angles(x, y), ref, atol=1e-9)
+    pair = numpy_geometry.subspace_angles(w, w[::-1] * 2.0, 5)  # the same rows: the same subspace
+    np.testing.assert_allclose(pair, 0.0, atol=0.05)
 
     # Known small angles: rotate e_i towards e_{4+i} by theta_i; arccos alone would lose these.
     theta = np.radians([1e-6, 1e-3, 0.5, 40.0])
@@ -237,6 +271,9 @@ def test_linear_cka_matches_float64_formula():
     for chunk in (7, 300, 1000):
         np.testing.assert_allclose(geometry.linear_cka(x, y, chunk_rows=chunk, threads=2), ref, rtol=1e-10)
     np.testing.assert_allclose(geometry.linear_cka(x, x), 1.0, rtol=1e-12)
+    # float32 products, centred first: float32 accuracy despite the mean 1e3 x the spread
+    np.testing.assert_allclose(geometry.linear_cka(x, y, chunk_rows=100, dtype=torch.float32), ref, rtol=1e-5)
+    np.testing.assert_allclose(numpy_geometry.linear_cka(x, y), ref, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

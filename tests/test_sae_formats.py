@@ -26,7 +26,7 @@ def random_sae(arch: Arch, scale: float, seed: int = 0, k: int | None = None) ->
     rng = np.random.default_rng(seed)
     params = {"W_enc": rng.normal(size=(D, F)), "b_enc": rng.normal(size=F) * 0.3,
               "W_dec": rng.normal(size=(F, D)), "b_dec": rng.normal(size=D)}
-    if arch is Arch.JUMPRELU:
+    if arch.has_threshold:
         params["threshold"] = np.abs(rng.normal(size=F))
     return SAE(SAEConfig(D, F, arch, k=k), {n: v.astype(np.float32) for n, v in params.items()}, scale)
 
@@ -49,7 +49,7 @@ def assert_rel(ours, ref, tol=1e-5):
     assert err < tol, f"relative error {err:.2e} >= {tol}"
 
 
-@pytest.mark.parametrize("arch,k", [(Arch.RELU, None), (Arch.JUMPRELU, None), (Arch.TOPK, 7)])
+@pytest.mark.parametrize("arch,k", [(Arch.RELU, None), (Arch.JUMPRELU, None), (Arch.TOPK, 7), (Arch.BATCHTOPK, 7)])
 def test_saelens_export_matches_saelens_forward(tmp_path, arch, k):
     sae = random_sae(arch, scale=3.7, k=k)
     export_sae_dir = tmp_path / "ours"
@@ -101,9 +101,33 @@ def test_load_saelens_jumprelu(tmp_path):
         assert_rel(ours.reconstruct(x), lens(torch.from_numpy(x)).numpy())
 
 
-@pytest.mark.parametrize("arch", [Arch.RELU, Arch.JUMPRELU])
+def test_saelens_jumprelu_without_apply_b_dec_to_input_takes_saelens_default(tmp_path):
+    """A SAELens JumpReLU cfg.json without `apply_b_dec_to_input` loads as SAELens itself loads it: with its
+    dataclass default (b_dec subtracted), not Gemma Scope's convention."""
+    assert JumpReLUSAEConfig(d_in=D, d_sae=F).apply_b_dec_to_input is True  # the default we rely on
+    torch.manual_seed(3)
+    lens = JumpReLUSAE(JumpReLUSAEConfig(d_in=D, d_sae=F))
+    with torch.no_grad():
+        for name, p in lens.named_parameters():
+            p.copy_(torch.rand_like(p) * 0.5 if name == "threshold" else torch.randn_like(p) * 0.5)
+    lens.save_model(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    cfg.pop("apply_b_dec_to_input")
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    again = LensSAE.load_from_disk(tmp_path)
+    ours = load_sae(tmp_path)
+    x = inputs(1.0)
+    with torch.no_grad():
+        f_ref = again.encode(torch.from_numpy(x)).numpy()
+        x_hat_ref = again(torch.from_numpy(x)).numpy()
+    assert (f_ref > 0).sum() > 0.05 * f_ref.size
+    assert_rel(ours.encode(x), f_ref)
+    assert_rel(ours.reconstruct(x), x_hat_ref)
+
+
+@pytest.mark.parametrize("arch", [Arch.RELU, Arch.JUMPRELU, Arch.BATCHTOPK])
 def test_gemma_scope_export_gives_numpy_jumprelu(tmp_path, arch):
-    sae = random_sae(arch, scale=0.37, seed=2)
+    sae = random_sae(arch, scale=0.37, seed=2, k=7 if arch is Arch.BATCHTOPK else None)
     save_sae(tmp_path / "ours", sae)
     export_sae(tmp_path / "ours", "gemmascope", tmp_path / "gs")
     with np.load(tmp_path / "gs" / "params.npz", allow_pickle=False) as npz:
@@ -168,8 +192,11 @@ def test_our_format_round_trip(tmp_path):
 def test_format_errors(tmp_path):
     save_sae(tmp_path / "relu", random_sae(Arch.RELU, 1.0))
     save_sae(tmp_path / "topk", random_sae(Arch.TOPK, 1.0, k=3))
+    save_sae(tmp_path / "batchtopk", random_sae(Arch.BATCHTOPK, 1.0, k=3))
     with pytest.raises(ValueError, match="TopK"):
         export_sae(tmp_path / "topk", "gemmascope", tmp_path / "x")
+    with pytest.raises(ValueError, match="sparsify holds TopK SAEs only; this SAE is 'batchtopk'"):
+        export_sae(tmp_path / "batchtopk", "sparsify", tmp_path / "x")
     with pytest.raises(ValueError, match="sparsify holds TopK"):
         export_sae(tmp_path / "relu", "sparsify", tmp_path / "x")
     with pytest.raises(ValueError, match="unknown format"):

@@ -16,9 +16,13 @@ from lgeo_jax.stats import (
     Interval,
     Method,
     PromptSums,
+    bias_corrected,
     bootstrap,
+    bootstrap_groups,
     bootstrap_items,
+    interval_from_samples,
     null_interval,
+    resample_counts,
     vs_null,
 )
 
@@ -258,6 +262,52 @@ def test_item_bootstrap_per_column_and_errors():
         bootstrap_items(values, lambda x, axis: np.mean(x), n_boot=10)
     with pytest.raises(ValueError, match="n_boot"):
         bootstrap_items(values, n_boot=1)
+
+
+def test_resample_counts_are_the_draws_of_both_bootstraps():
+    """One scheme: the counts of `resample_counts` are the bincounts of `bootstrap_items`' index draws, chunk size
+    aside, and `bootstrap` on per-unit sums is the same resampling (so intervals built from them are paired)."""
+    values = np.random.default_rng(11).normal(size=23)
+    items = bootstrap_items(values, n_boot=40, seed=3, keep_samples=True)
+    counts = np.concatenate(list(resample_counts(23, 40, seed=3, chunk_bytes=1)))  # one resample per chunk
+    assert counts.shape == (40, 23) and np.all(counts.sum(axis=1) == 23)
+    np.testing.assert_allclose(counts @ values / 23, items.samples, rtol=1e-12)
+    sums = bootstrap({"x": values, "n": np.ones(23)}, lambda t: t["x"] / t["n"], n_boot=40, seed=3, keep_samples=True)
+    np.testing.assert_allclose(sums.samples, items.samples, rtol=1e-12)
+
+
+def test_bootstrap_groups_equals_its_two_stage_loop():
+    rng = np.random.default_rng(12)
+    points = rng.normal(size=(3, 2))  # [G, S]: 3 seeds, 2 statistics
+    samples = points[:, None] + 0.1 * rng.normal(size=(3, 50, 2))  # [G, B, S] each seed's item replicates
+    got = bootstrap_groups(points, samples, seed=7, keep_samples=True)
+    loop = np.random.default_rng(7)
+    groups, replicates = loop.integers(0, 3, size=(50, 3)), loop.integers(0, 50, size=(50, 3))
+    want = np.array([[samples[g, r] for g, r in zip(gs, rs, strict=True)] for gs, rs in zip(groups, replicates,
+                                                                                          strict=True)]).mean(axis=1)
+    np.testing.assert_allclose(got.samples, want, rtol=1e-12)
+    np.testing.assert_allclose(got.point, points.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose([got.low, got.high], np.percentile(want, [2.5, 97.5], axis=0), rtol=1e-12)
+    assert got.method is Method.GROUP_BOOTSTRAP and got.n_units == 3
+    one = bootstrap_groups(points[:1], samples[:1])  # one group: its own replicates' percentiles
+    np.testing.assert_allclose([one.low, one.high], np.percentile(samples[0], [2.5, 97.5], axis=0), rtol=1e-12)
+    # Seeds that disagree widen the interval beyond any single seed's latent noise.
+    apart = bootstrap_groups(np.array([[0.0], [1.0]]), np.array([[[0.0]] * 50, [[1.0]] * 50]) + 0.01, seed=0)
+    assert apart.low[0] < 0.1 and apart.high[0] > 0.9
+    with pytest.raises(ValueError, match=r"\[G, B, \*S\]"):
+        bootstrap_groups(points, samples[:, :, :1])
+
+
+def test_basic_interval_reflects_the_percentiles_and_recentres_a_biased_statistic():
+    samples = np.random.default_rng(13).normal(1.3, 0.1, size=(400,))  # resamples shifted by a bias of +0.3
+    basic = interval_from_samples(1.0, samples, level=0.95, method=Method.BASIC_PROMPT_BOOTSTRAP, n_units=50,
+                                  basic=True)
+    low, high = np.percentile(samples, [2.5, 97.5])
+    np.testing.assert_allclose([basic.low, basic.high], [2.0 - high, 2.0 - low], rtol=1e-12)
+    assert bias_corrected(1.0, samples) == pytest.approx(2.0 - samples.mean())
+    assert basic.low < 0.7 < basic.high  # centred near 0.7: the point less its bias, which percentiles miss
+    exact = Interval.exact(0.0)
+    assert exact.method is Method.EXACT and vs_null(basic, exact) == 1
 
 
 # ----------------------------------------------------------------------------------- nulls and verdicts

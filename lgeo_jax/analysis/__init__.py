@@ -1,38 +1,56 @@
-"""Per-table metrics of the study (Tables 4-12) and their null baselines, built on `lgeo_jax.geometry`.
+"""Per-table metrics of the study (Tables 4-12) with their intervals and null baselines, built on
+`lgeo_jax.geometry` and `lgeo_jax.stats`.
 
 Typical use (the `analysis` stage does this per layer)::
 
     saes = LayerSAEs(dictionary=load_gemma_scope(path), delta={"r4": {0: sae_s0, 1: sae_s1}}, base={1: base_s1})
-    record, arrays = analyze_layer(5, d_model, saes, base_batches, pair_batches, AnalysisConfig(), NullCache(...))
+    firing = firing_counts(training_batches, {firing_key("r4", 0): DeviceSAE(sae_s0), ...})
+    record, arrays = analyze_layer(5, saes, h_base, sample_index, delta_of, firing, AnalysisConfig(),
+                                   NullCache(20, 0, near_orthogonal=70, aligned=30))
 
-Definitions follow docs/conventions.md: both reconstruction errors (rel_l2 mean-of-ratios and
-pooled, fvu) on the same held-out tokens for the dictionary and the delta SAEs; Table 8 overlap with
-chance and shuffled-token nulls; max-cosine and principal angles next to random-direction, random-init,
-seed-to-seed and base-base nulls; streaming CKA with a shuffled-token null.
+Definitions follow docs/conventions.md: both reconstruction errors (rel_l2 mean-of-ratios and pooled, fvu)
+on the same held-out tokens for the dictionary, its zero-input and mean-delta baselines and the delta
+SAEs; Table 8 with and without latents that fire on a zero input, beside chance and shuffled-token nulls;
+max-cosine, mutual nearest neighbours and principal angles (at several k) beside random-direction,
+random-init, seed-to-seed and base-base comparisons; CKA with a whole-split shuffled null. Every number
+is `{"value", "ci_low", "ci_high"}` (prompt bootstrap for Tables 4-8 and 11, latents and seeds for 9-10),
+headline numbers of Tables 9-11 with a `vs_null` verdict.
 """
 
+from lgeo_jax.analysis._cka import PromptCKA, PromptGrid
 from lgeo_jax.analysis._config import GEMMA_SCOPE_9B_L0, AnalysisConfig
-from lgeo_jax.analysis._corpus_tables import table4, table12
+from lgeo_jax.analysis._corpus_tables import table2, table4, table12
+from lgeo_jax.analysis._density import density_trends
 from lgeo_jax.analysis._dictionary import (
+    ANGLE_STATS,
+    ROW_STATS,
     Comparison,
     angle_stats,
     compare,
     count_rows,
     live_rows,
-    max_cosine_stats,
+    row_stats,
+    spectrum,
     subspace,
     subspace_k,
+    subspace_resamples,
 )
-from lgeo_jax.analysis._layer import LayerSAEs, NullCache, analyze_layer
-from lgeo_jax.analysis._nulls import random_angles, random_init_decoder, random_max_cosine
-from lgeo_jax.analysis._overlap import OverlapSums
-from lgeo_jax.analysis._recon import ERROR_NAMES, ErrorSums, improvement
-from lgeo_jax.analysis._tokens import DeviceSAE, FiringCounts, adapter_pass, base_pass
+from lgeo_jax.analysis._layer import CKA_PAIRS, LayerSAEs, analyze_layer, firing_key, measure
+from lgeo_jax.analysis._nulls import NullCache, random_init_decoder
+from lgeo_jax.analysis._prompt_tables import (
+    ERROR_NAMES,
+    adapter_intervals,
+    adapter_metrics,
+    improvement,
+    named_bootstrap,
+)
+from lgeo_jax.analysis._tokens import RECONS, DeviceSAE, FiringCounts, adapter_pass, base_pass, firing_counts
 
 __all__ = [
-    "ERROR_NAMES", "GEMMA_SCOPE_9B_L0", "AnalysisConfig", "Comparison", "DeviceSAE", "ErrorSums", "FiringCounts",
-    "LayerSAEs",
-    "NullCache", "OverlapSums", "adapter_pass", "analyze_layer", "angle_stats", "base_pass", "compare", "count_rows",
-    "improvement", "live_rows", "max_cosine_stats", "random_angles", "random_init_decoder", "random_max_cosine",
-    "subspace", "subspace_k", "table4", "table12",
+    "ANGLE_STATS", "CKA_PAIRS", "ERROR_NAMES", "GEMMA_SCOPE_9B_L0", "RECONS", "ROW_STATS", "AnalysisConfig",
+    "Comparison", "DeviceSAE", "FiringCounts", "LayerSAEs", "NullCache", "PromptCKA", "PromptGrid",
+    "adapter_intervals", "adapter_metrics", "adapter_pass", "analyze_layer", "angle_stats", "base_pass", "compare",
+    "count_rows", "density_trends", "firing_counts", "firing_key", "improvement", "live_rows", "measure",
+    "named_bootstrap", "random_init_decoder", "row_stats", "spectrum", "subspace", "subspace_k", "subspace_resamples",
+    "table2", "table4", "table12",
 ]

@@ -1,5 +1,5 @@
 """The `analysis` section: the reference dictionary (Gemma Scope or any SAE directory), geometry
-thresholds and null baselines."""
+thresholds, null baselines and the resampling behind every interval."""
 
 from __future__ import annotations
 
@@ -8,8 +8,19 @@ import types
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from lgeo_jax.config import Problem, Section, at_least, cross_check, field, greater, in_range, section
+from lgeo_jax.config import (
+    Problem,
+    Section,
+    at_least,
+    cross_check,
+        field,
+    greater,
+    in_range,
+    nonempty_distinct,
+    section,
+)
 from lgeo_jax.sae import gemma_scope_path
+from lgeo_jax.stats import MIN_NULL_DRAWS
 
 GEMMA_SCOPE_9B_L0 = types.MappingProxyType({5: 77, 10: 113, 18: 71, 22: 123, 32: 111, 38: 128})
 """Canonical Gemma Scope 9B `width_16k/average_l0_N` folders for the paper's layers."""
@@ -36,9 +47,21 @@ class AnalysisConfig(Section):
     subspace_k: int = field(256, check=greater(0))
     near_orthogonal_deg: float = field(70.0, check=in_range(0.0, 90.0))
     aligned_deg: float = field(30.0, check=in_range(0.0, 90.0))
+    # Table 10 at several k (the paper's section 6.3); default: k/4, k/2, k, 2k. Each is capped by the sizes.
+    k_sweep: tuple[int, ...] = field(derived=lambda s: tuple(sorted({max(1, s.subspace_k // 4),
+                                                                      max(1, s.subspace_k // 2), s.subspace_k,
+                                                                      2 * s.subspace_k})),
+                                     check=nonempty_distinct(greater(0)))
     active_threshold: float = field(0.0, check=at_least(0))
-    null_samples: int = field(8, check=greater(0))
+    # a latent is live (Tables 9-10) when it fires on more than this fraction of its SAE's training tokens
+    live_density: float = field(1e-5, check=in_range(0.0, 1.0, hi_open=True))
+    null_samples: int = field(MIN_NULL_DRAWS, check=at_least(MIN_NULL_DRAWS))  # Monte Carlo draws per null
     null_seed: int = field(0, check=at_least(0))
+    n_boot: int = field(1000, check=at_least(100))  # bootstrap resamples (prompts; latents for Table 9)
+    # latent resamples for Table 10's subspaces: each is a d x d eigendecomposition, so fewer than n_boot
+    subspace_boot: int = field(200, check=at_least(20))
+    boot_seed: int = field(0, check=at_least(0))
+    confidence: float = field(0.95, check=in_range(0.5, 1.0, hi_open=True))  # central coverage of every interval
     eval_split: str = field("heldout")  # a split of extract.splits (the study checks it)
 
     def has_external_dictionary(self, layer: int) -> bool:

@@ -1,8 +1,12 @@
-"""Tables 4 and 12, which need no SAE forward: mean norms from the corpus statistics, the L1 sweep file.
+"""Tables 2, 4 and 12 from the records other stages wrote: the adapters' summary, the corpus statistics, the
+L1 sweep file.
 
-Table 4 is the mean ||delta|| per (adapter, layer) that the corpus stage accumulated during extraction
-(float32 values before any bf16 rounding); next to it we give mean ||h_base|| and the ratio, since a
-norm alone says little about how much the adapter moved the residual stream.
+Table 2 is the trainable parameters of each adapter, their share of the base model's parameters and the
+final training loss. Table 4 here is the mean ||delta|| per (adapter, layer) and split that the corpus
+stage accumulated during extraction (float32 values before any bf16 rounding), point values only; the
+evaluation split's row, with its prompt-bootstrap interval, comes from the analysis token pass. Next to
+it we give mean ||h_base|| and the ratio, since a norm alone says little about how much the adapter
+moved the residual stream.
 """
 
 from __future__ import annotations
@@ -12,6 +16,25 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lgeo_jax.corpus import BASE_NAME
+
+
+def table2(summary: Mapping[str, Any], adapters: Sequence[str], total_params: int | None) -> dict[str, Any]:
+    """`{adapter: {rank, trainable_params, pct_of_total, final_train_loss, heldout_loss_before/after}}` from
+    `adapters/summary.json` and the base model's parameter count (None: percentages unknown)."""
+    by_name = summary.get("adapters")
+    if not isinstance(by_name, Mapping):
+        raise ValueError("adapters/summary.json: no 'adapters' record; rerun the adapters stage to completion")
+    out = {}
+    for name in adapters:
+        if name not in by_name:
+            raise ValueError(f"adapters/summary.json: no adapter '{name}' (has {sorted(by_name)})")
+        a = by_name[name]
+        trainable = int(a["trainable_params"])
+        out[name] = {"rank": a["rank"], "trainable_params": trainable,
+                     "pct_of_total": 100.0 * trainable / total_params if total_params else None,
+                     "final_train_loss": a.get("final_train_loss"), "heldout_loss_before": a.get("heldout_loss_before"),
+                     "heldout_loss_after": a.get("heldout_loss_after")}
+    return {"total_params": total_params, "adapters": out}
 
 
 def table4(stats: Mapping[str, Any], adapters: Sequence[str], layers: Sequence[int]) -> dict[str, Any]:

@@ -81,6 +81,7 @@ class Section:
             raw = getattr(self, f.name)
             if raw is _DERIVED:
                 if bad:  # its inputs may be invalid; the problems already found are reported instead
+                    bad.add(f.name)  # unresolved, so the cross-checks that read it are skipped too
                     continue
                 raw = f.metadata["derived"](self)
             before = len(problems)

@@ -10,6 +10,8 @@ always in batch order, so the manifest's `committed` count is a prefix of the pl
 Crash safety: arrays are preallocated from the plan; batch b always writes the same rows with the same
 values, so after a kill the rerun rewrites the uncommitted batches and the store ends identical to an
 uninterrupted run. The store's identity (config, inputs, plan) is checked before anything is written.
+A progress bar counts kept tokens as their batches are committed (tokens/s and ETA; a resumed run starts
+at what was committed).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from lgeo_jax.config import to_plain
 from lgeo_jax.corpus._config import ExtractConfig
@@ -179,27 +182,34 @@ def extract_corpus(model: Gemma2, adapters: Sequence[LoraAdapters], adapter_name
                     futures.append(arrays[(split, name, layer)][start:stop].write(rows[a, c]))
         return _Pending(split, b, futures, int(idx.shape[0]), norm_sum, sq_sum)
 
+    done = sum(int(plans[s].offsets[committed[s]]) for s in plans)  # rows of the committed batches
+    bar = tqdm(total=sum(p.n_rows for p in plans.values()), initial=done, desc="extract", unit="tok",
+               unit_scale=True, mininterval=1.0)
+
     def commit(p: _Pending) -> None:
         for f in p.futures:
             f.result()
         stats[p.split].add(p.count, p.norm_sum, p.sq_sum)
         committed[p.split] = p.batch + 1
         log.update(**{PROGRESS_KEY: _progress(layout, committed, stats)})
+        bar.update(p.count)
 
     pending: collections.deque[_Pending] = collections.deque()
     in_flight = None
-    for split, plan in plans.items():
-        for b in range(committed[split], len(plan.batches)):
-            nxt = dispatch(split, b)  # runs on the device while the previous batch goes to the host
-            if in_flight is not None:
-                pending.append(issue_writes(*in_flight))
-            in_flight = nxt
-            while len(pending) > config.max_pending:
-                commit(pending.popleft())
-    if in_flight is not None:
-        pending.append(issue_writes(*in_flight))
-    while pending:
-        commit(pending.popleft())
+    with bar:
+        for split, plan in plans.items():
+            bar.set_postfix_str(split)
+            for b in range(committed[split], len(plan.batches)):
+                nxt = dispatch(split, b)  # runs on the device while the previous batch goes to the host
+                if in_flight is not None:
+                    pending.append(issue_writes(*in_flight))
+                in_flight = nxt
+                while len(pending) > config.max_pending:
+                    commit(pending.popleft())
+        if in_flight is not None:
+            pending.append(issue_writes(*in_flight))
+        while pending:
+            commit(pending.popleft())
     return layout, stats
 
 

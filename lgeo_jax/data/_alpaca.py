@@ -33,17 +33,21 @@ def file_sha256(path: str | Path) -> str:
 def records_from_dicts(rows: Iterable[Mapping[str, object]], source: str) -> list[AlpacaRecord]:
     """Validate rows with string ``instruction``/``input``/``output`` fields and build records.
 
-    A missing ``input`` is read as ``""`` (some Alpaca derivatives drop the empty column); any other
-    missing or non-string field raises, naming the source and row.
+    A missing ``input`` is read as ``""`` (some Alpaca derivatives drop the empty column); a row that is not
+    an object, or any other missing or non-string field, raises ValueError naming the source, row and field.
     """
     records = []
     for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{source}: record {i} is a {type(row).__name__}, expected an object with "
+                             f"{', '.join(_FIELDS)}")
         values = {"input": ""} | {k: row[k] for k in _FIELDS if k in row}
         for name in _FIELDS:
             if name not in values:
-                raise ValueError(f"{source}: record {i} has no '{name}' field (fields: {sorted(row)})")
+                raise ValueError(f"{source}: record {i} has no '{name}' field (fields: {sorted(map(str, row))})")
             if not isinstance(values[name], str):
-                raise TypeError(f"{source}: record {i} field '{name}' is {type(values[name]).__name__}, expected str")
+                raise ValueError(f"{source}: record {i} field '{name}' is {type(values[name]).__name__}, "
+                                 "expected str")
         records.append(AlpacaRecord(**values))
     if not records:
         raise ValueError(f"{source}: the dataset is empty; expected Alpaca records")
@@ -51,12 +55,25 @@ def records_from_dicts(rows: Iterable[Mapping[str, object]], source: str) -> lis
 
 
 def _read_json_rows(path: Path) -> list[Mapping[str, object]]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    rows = json.loads(text)
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg}, column {e.colno})") from e
+        return rows
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
     if not isinstance(rows, list):
-        raise TypeError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
     return rows
 
 

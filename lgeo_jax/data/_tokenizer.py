@@ -9,14 +9,26 @@ the tokenizer behaves the same on both. The saved directory loads with
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from lgeo_jax.data._records import AlpacaRecord, format_prompt
 from lgeo_jax.files import atomic_directory
+
+# The first import of transformers in lgeo_jax (every `lgeo` command reaches it): without torch, transformers
+# logs "PyTorch was not found..." at import, noise for a package that only uses its tokenizers. Quiet its
+# logger for the import alone, then restore the default level; a TRANSFORMERS_VERBOSITY the user set is kept.
+_USER_VERBOSITY = "TRANSFORMERS_VERBOSITY" in os.environ
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import transformers  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+if not _USER_VERBOSITY:
+    del os.environ["TRANSFORMERS_VERBOSITY"]
+    transformers.logging.set_verbosity_warning()
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")  # ids 0, 1, 2, 3 as in Gemma
 _MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # specials + the byte alphabet

@@ -8,6 +8,7 @@ from lgeo_jax.lora._adapters import (
     AdapterSpec,
     LoraAdapters,
     concat_adapters,
+    factor_axes,
     init_adapters,
     pad_layers,
     prepare_adapters,
@@ -20,6 +21,6 @@ from lgeo_jax.lora._residuals import check_layers, residuals
 
 __all__ = [
     "DEFAULT_TARGETS", "PEFT_NAMES", "TARGETS", "AdapterSpec", "LoraAdapters", "LoraConfig", "check_layers",
-    "concat_adapters", "init_adapters", "load_adapter", "pad_layers", "prepare_adapters", "residuals", "save_adapter",
-    "stacked_lora", "target_dims",
+    "concat_adapters", "factor_axes", "init_adapters", "load_adapter", "pad_layers", "prepare_adapters", "residuals",
+    "save_adapter", "stacked_lora", "target_dims",
 ]

@@ -4,6 +4,11 @@
 as `nnx.LoRAParam` (so optimizers select them by type), and a non-trainable per-layer scale [L, n].
 Ranks are zero-padded to the largest rank R: padded columns of A / rows of B are zero and add nothing,
 and stay zero under AdamW because their gradients are exactly zero.
+
+Every factor carries logical axes (`factor_axes`): A's In axis is named like the base weight's input axis
+and B's Out axis like its output axis, so on a mesh (`mesh=` here, or `lgeo_jax.sharding.place`) the
+factors are split where the base weight is; the layer, adapter and rank axes follow the `layers`,
+`adapters` and `rank` rules.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from lgeo_jax.config import (
     Problem,
@@ -31,7 +37,8 @@ from lgeo_jax.config import (
     one_of,
     section,
 )
-from lgeo_jax.model import Gemma2Config, LoraFactors
+from lgeo_jax.model import PROJECTIONS, Gemma2Config, LoraFactors
+from lgeo_jax.sharding import DEFAULT_RULES, LogicalAxisRules, place
 
 # Our target name -> (PEFT module path inside a decoder layer, in features, out features).
 TARGETS: dict[str, tuple[str, callable, callable]] = {
@@ -126,11 +133,18 @@ class AdapterSpec(Section):
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
+def factor_axes(target: str) -> dict[str, tuple[str, ...]]:
+    """Logical axes of one target's stacked factors: a [L, n, In, R], b [L, n, R, Out] and scale [L, n]."""
+    a, b = PROJECTIONS[target].lora_axes()
+    return {"a": ("layers", *a), "b": ("layers", *b), "scale": ("layers", "adapters")}
+
+
 class _TargetFactors(nnx.Module):
-    def __init__(self, a: jax.Array, b: jax.Array, scale: jax.Array):
-        self.a = nnx.LoRAParam(a)  # [L, n, In, R]
-        self.b = nnx.LoRAParam(b)  # [L, n, R, Out]
-        self.scale = nnx.Variable(scale)  # [L, n]; not trained
+    def __init__(self, target: str, a: jax.Array, b: jax.Array, scale: jax.Array):
+        axes = factor_axes(target)
+        self.a = nnx.LoRAParam(a, logical_axes=axes["a"])  # [L, n, In, R]
+        self.b = nnx.LoRAParam(b, logical_axes=axes["b"])  # [L, n, R, Out]
+        self.scale = nnx.Variable(scale, logical_axes=axes["scale"])  # [L, n]; not trained
 
 
 class LoraAdapters(nnx.Module):
@@ -145,7 +159,7 @@ class LoraAdapters(nnx.Module):
             if b.shape[:3] != (n_layers, n, rank) or scale.shape != (n_layers, n) or n != len(self.specs):
                 raise ValueError(f"target {t}: inconsistent factor shapes a {a.shape}, b {b.shape}, "
                                  f"scale {scale.shape} for {len(self.specs)} adapter(s)")
-            setattr(self, t, _TargetFactors(a, b, scale))
+            setattr(self, t, _TargetFactors(t, a, b, scale))
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -195,9 +209,10 @@ def rank_mask_and_scale(specs: Sequence[AdapterSpec], target: str, n_layers: int
     return mask, scale
 
 
-def init_adapters(cfg: Gemma2Config, specs: Sequence[AdapterSpec], *, seed: int = 0,
-                  random_b: bool = False) -> LoraAdapters:
-    """Fresh float32 adapters: A ~ U(+-1/sqrt(in)) as PEFT's kaiming init, B = 0 (or random, for tests)."""
+def init_adapters(cfg: Gemma2Config, specs: Sequence[AdapterSpec], *, seed: int = 0, random_b: bool = False,
+                  mesh: Mesh | None = None, rules: LogicalAxisRules = DEFAULT_RULES) -> LoraAdapters:
+    """Fresh float32 adapters: A ~ U(+-1/sqrt(in)) as PEFT's kaiming init, B = 0 (or random, for tests);
+    placed on `mesh` by their logical axes when given (the values do not depend on the mesh)."""
     specs = tuple(specs)
     rank = max(s.max_rank for s in specs)
     key = jax.random.key(seed)
@@ -210,7 +225,7 @@ def init_adapters(cfg: Gemma2Config, specs: Sequence[AdapterSpec], *, seed: int 
         b = jax.random.normal(kb, shape_b, jnp.float32) * 0.1 if random_b else jnp.zeros(shape_b, jnp.float32)
         mask, scale = rank_mask_and_scale(specs, t, cfg.n_layers, rank)
         factors[t] = (a * mask[:, :, None, :], b * mask[:, :, :, None], jnp.asarray(scale))
-    return LoraAdapters(specs, factors)
+    return place(LoraAdapters(specs, factors), mesh, rules)
 
 
 def concat_adapters(groups: Sequence[LoraAdapters]) -> LoraAdapters:
@@ -284,11 +299,13 @@ def pad_layers(adapters: LoraAdapters, n_layers: int) -> LoraAdapters:
     return LoraAdapters(adapters.specs, factors)
 
 
-def prepare_adapters(adapters: Sequence[LoraAdapters] | LoraAdapters, cfg: Gemma2Config) -> LoraAdapters | None:
-    """One validated stack for a model from any mix of single adapters and stacks (None if empty)."""
+def prepare_adapters(adapters: Sequence[LoraAdapters] | LoraAdapters, cfg: Gemma2Config, *,
+                     mesh: Mesh | None = None, rules: LogicalAxisRules = DEFAULT_RULES) -> LoraAdapters | None:
+    """One validated stack for a model from any mix of single adapters and stacks (None if empty), placed on
+    `mesh` when given (a stack already placed there is not copied)."""
     groups = [adapters] if isinstance(adapters, LoraAdapters) else list(adapters)
     if not groups:
         return None
     stack = concat_adapters([pad_layers(g, cfg.n_layers) for g in groups])
     stack.check_model(cfg)
-    return stack
+    return place(stack, mesh, rules)

@@ -13,6 +13,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from lgeo_jax.config import ConfigError
 from lgeo_jax.files import atomic_write_json, read_json
@@ -27,6 +28,7 @@ from lgeo_jax.lora._adapters import (
 )
 from lgeo_jax.model import Gemma2Config
 from lgeo_jax.safetensors_io import SafetensorsFile, write_safetensors
+from lgeo_jax.sharding import DEFAULT_RULES, LogicalAxisRules, place
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -64,10 +66,17 @@ def _targets_from_config(cfg: dict, cfg_path: str) -> tuple[str, ...]:
     if tm == "all-linear":
         return tuple(TARGETS)
     if isinstance(tm, str):  # a regex over full module names, as PEFT allows
-        hits = [t for t in TARGETS if any(re.fullmatch(tm, module_name(i, t)) for i in range(64))]
+        try:
+            pattern = re.compile(tm)
+        except re.error as e:
+            raise ValueError(f"{cfg_path}: target_modules regex {tm!r} is not a valid regular expression ({e})") from e
+        hits = [t for t in TARGETS if any(pattern.fullmatch(module_name(i, t)) for i in range(64))]
         if not hits:
             raise ValueError(f"{cfg_path}: target_modules regex {tm!r} matches no Gemma-2 projection")
         return tuple(hits)
+    if not isinstance(tm, list):
+        raise ValueError(f"{cfg_path}: target_modules is {tm!r}; expected a list of module names, a regex or "
+                         "'all-linear'")
     try:
         return normalize_targets(tm)
     except ValueError as e:
@@ -93,9 +102,10 @@ def _spec_from_config(cfg: dict, cfg_path: str, targets: tuple[str, ...], name: 
         raise ValueError(f"{cfg_path}: {problems}") from e
 
 
-def load_adapter(path: str | os.PathLike, *, config: Gemma2Config | None = None,
-                 name: str | None = None) -> LoraAdapters:
-    """Reads a PEFT LoRA directory as a one-adapter `LoraAdapters` (float32 factors).
+def load_adapter(path: str | os.PathLike, *, config: Gemma2Config | None = None, name: str | None = None,
+                 mesh: Mesh | None = None, rules: LogicalAxisRules = DEFAULT_RULES) -> LoraAdapters:
+    """Reads a PEFT LoRA directory as a one-adapter `LoraAdapters` (float32 factors), placed on `mesh` by
+    their logical axes when given.
 
     With `config` the adapter is checked against (and padded to) that model's layer count; without it the
     layer count is the deepest adapted layer + 1 and `residuals` pads it to the model.
@@ -176,7 +186,7 @@ def load_adapter(path: str | os.PathLike, *, config: Gemma2Config | None = None,
     adapters = LoraAdapters([spec], factors)
     if config is not None:
         adapters.check_model(config)
-    return adapters
+    return place(adapters, mesh, rules)
 
 
 def save_adapter(adapters: LoraAdapters, path: str | os.PathLike, *, index: int = 0,

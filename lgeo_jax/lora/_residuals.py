@@ -7,11 +7,14 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
 from lgeo_jax.lora._adapters import LoraAdapters, prepare_adapters, stacked_lora
 from lgeo_jax.model import Gemma2
+from lgeo_jax.sharding import DEFAULT_RULES, LogicalAxisRules, constrain, mesh_context, mesh_of, place, put
 
 
 def check_layers(layers: Sequence[int], n_layers: int) -> tuple[int, ...]:
@@ -34,7 +37,8 @@ def _residuals_jit(graphdef, state, input_ids, attention_mask, lora, *, layers, 
     # Only the blocks up to the deepest requested layer run; no final norm, no LM head.
     _, captured = model.run_blocks(x, positions, valid, n_layers=max(layers) + 1, capture=layers, lora=lora)
     c, _, t, d = captured.shape
-    return captured.reshape(c, n_adapters, -1, t, d).transpose(1, 0, 2, 3, 4)  # [A, C, B, T, D]
+    out = captured.reshape(c, -1, n_adapters, t, d).transpose(2, 0, 1, 3, 4)  # [C, B*A, T, D] -> [A, C, B, T, D]
+    return constrain(out, ("adapters", None, "batch", None, None))
 
 
 def residuals(
@@ -45,6 +49,8 @@ def residuals(
     adapters: Sequence[LoraAdapters] | LoraAdapters = (),
     attention_mask: Int[Array, "B T"] | None = None,
     dtype: jnp.dtype | None = None,
+    mesh: Mesh | None = None,
+    rules: LogicalAxisRules = DEFAULT_RULES,
 ) -> Float[Array, "A C B T D"]:
     """Residual streams after the given blocks: `(1 + n_adapters, len(layers), batch, seq, d_model)` float32.
 
@@ -52,19 +58,30 @@ def residuals(
     all from one jitted pass that reads each base weight once. Layer L is the output of block L before any
     final norm (HF `hidden_states[L + 1]`). `dtype` is the activation dtype (default: the parameters');
     float32 with bf16 weights keeps small adapter deltas above the residual stream's rounding noise.
+
+    Runs on `mesh` (default: the one the model was placed on, e.g. by `load_model(mesh=...)`): the model and
+    adapters are placed there by their logical axes (no copy when already there), the batch is split by the
+    `batch` rule, and so is the result's batch axis.
     """
-    stack = prepare_adapters(adapters, model.config)
+    mesh = mesh_of(model) if mesh is None else mesh
+    stack = prepare_adapters(adapters, model.config, mesh=mesh, rules=rules)
     lora = None if stack is None else stacked_lora(stack)
     n_adapters = 0 if stack is None else len(stack)
     layers = check_layers(layers, model.config.n_layers)
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    if np.ndim(input_ids) != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {np.shape(input_ids)}")
     if attention_mask is None:
-        attention_mask = jnp.ones_like(input_ids)
-    attention_mask = jnp.asarray(attention_mask, jnp.int32)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
-    graphdef, state = nnx.split(model)
-    return _residuals_jit(graphdef, state, input_ids, attention_mask, lora, layers=layers,
-                          n_adapters=1 + n_adapters, dtype=None if dtype is None else jnp.dtype(dtype).name)
+        attention_mask = np.ones(np.shape(input_ids), np.int32)
+    if np.shape(attention_mask) != np.shape(input_ids):
+        raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {np.shape(input_ids)}")
+    input_ids, attention_mask = (_int32_batch(x, mesh, rules) for x in (input_ids, attention_mask))
+    graphdef, state = nnx.split(place(model, mesh, rules))
+    with mesh_context(mesh):
+        return _residuals_jit(graphdef, state, input_ids, attention_mask, lora, layers=layers,
+                              n_adapters=1 + n_adapters, dtype=None if dtype is None else jnp.dtype(dtype).name)
+
+
+def _int32_batch(x, mesh: Mesh, rules: LogicalAxisRules) -> jax.Array:
+    """A [B, T] token batch (host or device) as int32, split over the mesh by the `batch` rule."""
+    x = x.astype(jnp.int32) if isinstance(x, jax.Array) else np.asarray(x, np.int32)
+    return put(x, ("batch", None), mesh, rules)

@@ -9,12 +9,12 @@ from lgeo_jax.model._config import (
     ModelConfig,
     alternating_layer_types,
 )
-from lgeo_jax.model._layers import LoraFactors
+from lgeo_jax.model._layers import PROJECTIONS, LoraFactors, Projection
 from lgeo_jax.model._transformer import Gemma2, StackedLora, abstract_model, count_params, init_model
 
 __all__ = [
-    "BUILTIN_MODEL", "AttentionType", "BuiltinModelConfig", "CheckpointError", "Gemma2", "Gemma2Config", "LoraFactors",
-    "ModelConfig", "StackedLora",
+    "BUILTIN_MODEL", "PROJECTIONS", "AttentionType", "BuiltinModelConfig", "CheckpointError", "Gemma2", "Gemma2Config",
+    "LoraFactors", "ModelConfig", "Projection", "StackedLora",
     "abstract_model", "alternating_layer_types", "check_checkpoint", "count_params", "init_model", "load_model",
     "save_model",
 ]

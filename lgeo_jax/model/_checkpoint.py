@@ -195,7 +195,7 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None, mesh: Mesh | None 
         mapping = _MAPPINGS.get(key)
         if mapping is None:
             raise CheckpointError(f"internal: no checkpoint mapping for model parameter {'.'.join(key)}")
-        logical = (("layers",) if key[0] == "blocks" else ()) + tuple(var.get_metadata()["logical_axes"])
+        logical = tuple(var.get_metadata()["logical_axes"])
         sharding = _target_sharding(logical, var.get_value().shape, mesh, rules)
         names = _hf_names(key, cfg)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from lgeo_jax.config import (
     REQUIRED,
+    ConfigError,
     DType,
     Problem,
     Section,
@@ -105,51 +106,61 @@ class Gemma2Config(Section):
     # ---- Hugging Face mapping ----------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], *, source: str = "config.json") -> Gemma2Config:
-        """Builds a config from a transformers Gemma-2 `config.json` dict (old and new field spellings)."""
+        """Builds a config from a transformers Gemma-2 `config.json` dict (old and new field spellings).
+
+        Every value is validated by this section's own field checks (types, ranges, the layer pattern);
+        errors name `source` and the config.json field, never fail with a TypeError."""
         if not isinstance(hf, dict):
             raise ValueError(f"{source}: expected a JSON object (a transformers config), got {type(hf).__name__}")
         model_type = hf.get("model_type")
         archs = hf.get("architectures") or []
         if model_type != "gemma2":
             raise ValueError(f"{source}: model_type is {model_type!r} (architectures {archs}); lgeo_jax loads "
-                                              "Gemma-2 checkpoints only (model_type 'gemma2').")
+                             "Gemma-2 checkpoints only (model_type 'gemma2').")
         missing = [k for k in ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers",
-                                                      "intermediate_size") if k not in hf]
+                               "intermediate_size") if k not in hf]
         if missing:
             raise ValueError(f"{source}: missing required field(s) {missing}")
-        n_layers = int(hf["num_hidden_layers"])
-        layer_types = hf.get("layer_types") or alternating_layer_types(n_layers)
-        if len(layer_types) != n_layers:
-            raise ValueError(f"{source}: layer_types has {len(layer_types)} entries but num_hidden_layers is "
-                                              f"{n_layers}")
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise ValueError(f"{source}: hidden_activation {act!r} is not Gemma-2's tanh-approximate GELU")
         rope = hf.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{source}: rope_parameters is {rope!r}, expected an object")
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"{source}: rope_parameters.rope_type {rope.get('rope_type')!r} is not supported "
-                                              "(only the default RoPE of Gemma-2)")
-        n_heads = int(hf["num_attention_heads"])
-        head_dim = int(hf.get("head_dim") or hf["hidden_size"] // n_heads)
+                             "(only the default RoPE of Gemma-2)")
+        d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
+        head_dim = hf.get("head_dim")
+        if head_dim is None and type(d_model) is int and type(n_heads) is int and n_heads > 0:
+            head_dim = d_model // n_heads
+        raw = {  # our field -> (config.json field, value); the section converts and checks each
+            "vocab_size": ("vocab_size", hf["vocab_size"]),
+            "d_model": ("hidden_size", d_model),
+            "n_heads": ("num_attention_heads", n_heads),
+            "n_kv_heads": ("num_key_value_heads", hf.get("num_key_value_heads") or n_heads),
+            "head_dim": ("head_dim", head_dim),
+            "mlp_dim": ("intermediate_size", hf["intermediate_size"]),
+            "n_layers": ("num_hidden_layers", hf["num_hidden_layers"]),
+            "layer_types": ("layer_types", hf.get("layer_types")),
+            "sliding_window": ("sliding_window", hf.get("sliding_window") or 4096),
+            "query_pre_attn_scalar": ("query_pre_attn_scalar", hf.get("query_pre_attn_scalar") or head_dim),
+            "attn_logit_softcap": ("attn_logit_softcapping", hf.get("attn_logit_softcapping", 50.0)),
+            "final_logit_softcap": ("final_logit_softcapping", hf.get("final_logit_softcapping", 30.0)),
+            "rms_eps": ("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
+            "rope_base": ("rope_theta", rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+            "max_position_embeddings": ("max_position_embeddings", hf.get("max_position_embeddings", 8192)),
+        }
         try:
-            return cls(
-                    vocab_size=int(hf["vocab_size"]),
-                    d_model=int(hf["hidden_size"]),
-                    n_heads=n_heads,
-                    n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-                    head_dim=head_dim,
-                    mlp_dim=int(hf["intermediate_size"]),
-                    layer_types=tuple(AttentionType(t) for t in layer_types),
-                    sliding_window=int(hf.get("sliding_window") or 4096),
-                    query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or head_dim),
-                    attn_logit_softcap=_optional_float(hf.get("attn_logit_softcapping", 50.0)),
-                    final_logit_softcap=_optional_float(hf.get("final_logit_softcapping", 30.0)),
-                    rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                    rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
-                    max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
-            )
-        except ValueError as e:  # a bad layer type string or an inconsistent shape
-            raise ValueError(f"{source}: {e}") from e
+            return cls(**{name: value for name, (_, value) in raw.items()})
+        except ConfigError as e:
+            fields = {name: hf_name for name, (hf_name, _) in raw.items()}
+            named = []
+            for p in e.problems:
+                ours, bracket, rest = p.path.partition("[")
+                named.append(f"field '{fields.get(ours, ours)}{bracket}{rest}': {p.message}")
+            more = f" (and {len(named) - 3} more)" if len(named) > 3 else ""
+            raise ValueError(f"{source}: {'; '.join(named[:3])}{more}") from e
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike) -> Gemma2Config:
@@ -265,7 +276,3 @@ class ModelConfig(Section):
 def alternating_layer_types(n_layers: int) -> tuple[AttentionType, ...]:
     """Gemma-2's default pattern: sliding window on even layers, global on odd ones."""
     return tuple(AttentionType.LOCAL_SLIDING if i % 2 == 0 else AttentionType.GLOBAL for i in range(n_layers))
-
-
-def _optional_float(v: Any) -> float | None:
-    return None if v is None else float(v)

@@ -1,9 +1,9 @@
 """Gemma-2 building blocks in Flax NNX: RMSNorm, attention, GeGLU MLP and the decoder block.
 
 Einsum letters, used everywhere in this package:
-  B batch (the adapter axis A folded in front when adapters run), T query positions, S key positions,
-  D d_model, N query heads, K key/value heads, G query heads per kv head, H head_dim, F mlp width,
-  V vocabulary, A adapters (base included), R LoRA rank.
+  B batch (the adapter axis A folded in behind it when adapters run: row b * A + a), T query positions,
+  S key positions, D d_model, N query heads, K key/value heads, G query heads per kv head, H head_dim,
+  F mlp width, V vocabulary, A adapters (base included), R LoRA rank.
 """
 
 from __future__ import annotations
@@ -24,14 +24,70 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
+class Projection:
+    """One projection: its einsum `x, w -> y` and the logical axes of its weight, in the weight's letter order.
+
+    The LoRA update of the projection is derived from the same einsum (`project`), and so are the logical axes
+    of its factors (`lora_axes`), so a projection is described once.
+    """
+
+    spec: str
+    axes: tuple[str, ...]
+
+    @property
+    def operands(self) -> tuple[str, str, str]:
+        """(x letters, w letters, output letters): `BTD,DNH->BTNH` gives ("BTD", "DNH", "BTNH")."""
+        lhs, out = self.spec.split("->")
+        x_letters, w_letters = lhs.split(",")
+        return x_letters, w_letters, out
+
+    @property
+    def contracted(self) -> str:
+        """The weight's letters summed over (D for q, NH for o)."""
+        _, w_letters, out = self.operands
+        return "".join(c for c in w_letters if c not in out)
+
+    @property
+    def produced(self) -> str:
+        """The weight's letters that reach the output (NH for q, D for o)."""
+        _, w_letters, out = self.operands
+        return "".join(c for c in w_letters if c in out)
+
+    def lora_axes(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Logical axes of one layer's factors a [A, In, R] and b [A, R, Out]: In (the contracted axes,
+        flattened) is named after the weight's first contracted axis and Out after its first produced one, so
+        A and B are split where the base weight is (qwix's LoRA inherits the base weight's sharding the same
+        way); the flattened axis splits on its leading letter, e.g. heads for N*H. (When the mesh axis divides
+        the flattened size but not the leading one, e.g. 1 kv head on model = 2, the factor splits where the
+        base weight stays whole: XLA reshards, the result is the same.)"""
+        axis = dict(zip(self.operands[1], self.axes, strict=True))
+        return ("adapters", axis[self.contracted[0]], "rank"), ("adapters", "rank", axis[self.produced[0]])
+
+
+PROJECTIONS: dict[str, Projection] = {
+    "q": Projection("BTD,DNH->BTNH", ("embed", "heads", "head_dim")),
+    "k": Projection("BSD,DKH->BSKH", ("embed", "kv_heads", "head_dim")),
+    "v": Projection("BSD,DKH->BSKH", ("embed", "kv_heads", "head_dim")),
+    "o": Projection("BTNH,NHD->BTD", ("heads", "head_dim", "embed")),
+    "gate": Projection("BTD,DF->BTF", ("embed", "mlp")),
+    "up": Projection("BTD,DF->BTF", ("embed", "mlp")),
+    "down": Projection("BTF,FD->BTD", ("mlp", "embed")),
+}
+
+
+def _weight(name: str, shape: tuple[int, ...], param_dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Param:
+    return nnx.Param(_INIT(rngs.params(), shape, param_dtype), logical_axes=PROJECTIONS[name].axes)
+
+
+@dataclasses.dataclass(frozen=True)
 class LoraFactors:
     """One layer's LoRA factors for one projection, for all adapters at once.
 
     Stored in PEFT's flat layout, transposed: a: [A, In, R], b: [A, R, Out], where In/Out are the base
     weight's contracted/produced axes flattened (q: In = D, Out = N*H; o: In = N*H, Out = D).
     scale: [A] (alpha / r, or alpha / sqrt(r) for rsLoRA). Ranks are zero-padded to R.
-    `base_slots` leading groups of the batch carry no adapter (the base model riding along in the same
-    pass): they get the base projection only, so no LoRA FLOPs are spent on them.
+    `base_slots` leading slots of every batch row's adapter group carry no adapter (the base model riding
+    along in the same pass): they get the base projection only, so no LoRA FLOPs are spent on them.
     For training, LoRA dropout (PEFT's: on the adapter's input only) needs `dropout_key` (a PRNG key) and
     `dropout_keep` [A] (keep probabilities, 1 = no dropout).
     """
@@ -48,36 +104,36 @@ jax.tree_util.register_dataclass(
     LoraFactors, data_fields=["a", "b", "scale", "dropout_keep", "dropout_key"], meta_fields=["base_slots"])
 
 
-def project(spec: str, x: jax.Array, w: jax.Array, lora: LoraFactors | None = None) -> jax.Array:
-    """`einsum(spec, x, w)` plus, when given, every adapter's low-rank update derived from the same spec.
+def project(proj: Projection, x: jax.Array, w: jax.Array, lora: LoraFactors | None = None) -> jax.Array:
+    """`einsum(proj.spec, x, w)` plus, when given, every adapter's low-rank update derived from the same spec.
 
-    The adapter axis is folded into x's leading batch axis ([(base_slots + A)*B, ...]) so the base matmul
-    reads `w` once for the base and all adapters. The LoRA path is derived from the base einsum (`BTD,DNH->BTNH` becomes
-    `ABTD,ADR->ABTR` and `ABTR,ARNH->ABTNH`), so one rule covers every projection.
+    The adapter axis is folded into x's leading batch axis behind the batch ([B*(base_slots + A), ...], so a
+    batch sharded over devices stays sharded) and the base matmul reads `w` once for the base and all
+    adapters. The LoRA path is derived from the base einsum (`BTD,DNH->BTNH` becomes `BATD,ADR->BATR` and
+    `BATR,ARNH->BATNH`), so one rule covers every projection.
     """
     # float32 accumulation, rounded once to the activation dtype (XLA:CPU's bf16-out dots are ~3x slower)
-    y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    y = jnp.einsum(proj.spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
     if lora is None:
         return y
-    lhs, out = spec.split("->")
-    x_letters, w_letters = lhs.split(",")
-    contracted = "".join(c for c in w_letters if c not in out)
-    produced = "".join(c for c in w_letters if c in out)
+    x_letters, w_letters, out = proj.operands
+    contracted, produced = proj.contracted, proj.produced
     kept = "".join(c for c in x_letters if c not in contracted)
     dims = dict(zip(w_letters, w.shape, strict=True))
     n_adapters, _, rank = lora.a.shape
     a = lora.a.astype(x.dtype).reshape(n_adapters, *(dims[c] for c in contracted), rank)
     b = lora.b.astype(x.dtype).reshape(n_adapters, rank, *(dims[c] for c in produced))
     groups = lora.base_slots + n_adapters
-    xa = x.reshape(groups, -1, *x.shape[1:])[lora.base_slots:]  # [A, B, ...]
+    with_a = lambda letters: letters[0] + "A" + letters[1:]  # BTD -> BATD: the adapter axis behind the batch
+    xa = x.reshape(-1, groups, *x.shape[1:])[:, lora.base_slots:]  # [B, A, ...]
     if lora.dropout_key is not None:
-        keep = lora.dropout_keep.astype(x.dtype).reshape((n_adapters,) + (1,) * (xa.ndim - 1))
+        keep = lora.dropout_keep.astype(x.dtype).reshape((1, n_adapters) + (1,) * (xa.ndim - 2))
         survives = jax.random.bernoulli(lora.dropout_key, keep, xa.shape)
         xa = jnp.where(survives, xa / keep, 0).astype(x.dtype)
-    h = jnp.einsum(f"A{x_letters},A{contracted}R->A{kept}R", xa, a)  # [A, B, T, R]
-    h = h * lora.scale.astype(x.dtype).reshape((n_adapters,) + (1,) * (h.ndim - 1))
-    delta = jnp.einsum(f"A{kept}R,AR{produced}->A{out}", h, b)  # [A, B, T, ...]
-    return y.reshape(groups, *delta.shape[1:]).at[lora.base_slots:].add(delta).reshape(y.shape)
+    h = jnp.einsum(f"{with_a(x_letters)},A{contracted}R->{with_a(kept)}R", xa, a)  # [B, A, T, R]
+    h = h * lora.scale.astype(x.dtype).reshape((1, n_adapters) + (1,) * (h.ndim - 2))
+    delta = jnp.einsum(f"{with_a(kept)}R,AR{produced}->{with_a(out)}", h, b)  # [B, A, T, ...]
+    return y.reshape(-1, groups, *delta.shape[2:]).at[:, lora.base_slots:].add(delta).reshape(y.shape)
 
 
 class RMSNorm(nnx.Module):
@@ -115,20 +171,18 @@ class Attention(nnx.Module):
     def __init__(self, cfg: Gemma2Config, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.cfg = cfg
-        self.q = nnx.Param(_INIT(rngs.params(), (d, n, h), param_dtype), logical_axes=("embed", "heads", "head_dim"))
-        self.k = nnx.Param(_INIT(rngs.params(), (d, k, h), param_dtype),
-                           logical_axes=("embed", "kv_heads", "head_dim"))
-        self.v = nnx.Param(_INIT(rngs.params(), (d, k, h), param_dtype),
-                           logical_axes=("embed", "kv_heads", "head_dim"))
-        self.o = nnx.Param(_INIT(rngs.params(), (n, h, d), param_dtype), logical_axes=("heads", "head_dim", "embed"))
+        self.q = _weight("q", (d, n, h), param_dtype, rngs)
+        self.k = _weight("k", (d, k, h), param_dtype, rngs)
+        self.v = _weight("v", (d, k, h), param_dtype, rngs)
+        self.o = _weight("o", (n, h, d), param_dtype, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                  lora: dict[str, LoraFactors]) -> jax.Array:
         """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] (True = may attend)."""
         cfg = self.cfg
-        q = project("BTD,DNH->BTNH", x, self.q[...], lora.get("q"))  # [B, T, N, H]
-        k = project("BSD,DKH->BSKH", x, self.k[...], lora.get("k"))  # [B, S, K, H]
-        v = project("BSD,DKH->BSKH", x, self.v[...], lora.get("v"))  # [B, S, K, H]
+        q = project(PROJECTIONS["q"], x, self.q[...], lora.get("q"))  # BTD,DNH->BTNH: [B, T, N, H]
+        k = project(PROJECTIONS["k"], x, self.k[...], lora.get("k"))  # BSD,DKH->BSKH: [B, S, K, H]
+        v = project(PROJECTIONS["v"], x, self.v[...], lora.get("v"))  # BSD,DKH->BSKH: [B, S, K, H]
         q = apply_rope(q, positions, cfg.rope_base)
         k = apply_rope(k, positions, cfg.rope_base)
         b, t = q.shape[:2]
@@ -139,7 +193,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32).astype(x.dtype)
         out = out.reshape(b, t, cfg.n_heads, cfg.head_dim)  # [B, T, N, H]
-        return project("BTNH,NHD->BTD", out, self.o[...], lora.get("o"))  # [B, T, D]
+        return project(PROJECTIONS["o"], out, self.o[...], lora.get("o"))  # BTNH,NHD->BTD: [B, T, D]
 
 
 class MLP(nnx.Module):
@@ -147,14 +201,15 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: Gemma2Config, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.mlp_dim
-        self.gate = nnx.Param(_INIT(rngs.params(), (d, f), param_dtype), logical_axes=("embed", "mlp"))
-        self.up = nnx.Param(_INIT(rngs.params(), (d, f), param_dtype), logical_axes=("embed", "mlp"))
-        self.down = nnx.Param(_INIT(rngs.params(), (f, d), param_dtype), logical_axes=("mlp", "embed"))
+        self.gate = _weight("gate", (d, f), param_dtype, rngs)
+        self.up = _weight("up", (d, f), param_dtype, rngs)
+        self.down = _weight("down", (f, d), param_dtype, rngs)
 
     def __call__(self, x: jax.Array, lora: dict[str, LoraFactors]) -> jax.Array:
-        gate = project("BTD,DF->BTF", x, self.gate[...], lora.get("gate"))  # [B, T, F]
-        up = project("BTD,DF->BTF", x, self.up[...], lora.get("up"))  # [B, T, F]
-        return project("BTF,FD->BTD", jax.nn.gelu(gate, approximate=True) * up, self.down[...], lora.get("down"))
+        gate = project(PROJECTIONS["gate"], x, self.gate[...], lora.get("gate"))  # BTD,DF->BTF: [B, T, F]
+        up = project(PROJECTIONS["up"], x, self.up[...], lora.get("up"))  # BTD,DF->BTF: [B, T, F]
+        hidden = jax.nn.gelu(gate, approximate=True) * up  # [B, T, F]
+        return project(PROJECTIONS["down"], hidden, self.down[...], lora.get("down"))  # BTF,FD->BTD: [B, T, D]
 
 
 class Block(nnx.Module):

@@ -11,6 +11,7 @@ from flax import nnx
 
 from lgeo_jax.model._config import Gemma2Config
 from lgeo_jax.model._layers import _INIT, Block, LoraFactors, RMSNorm, softcap
+from lgeo_jax.sharding import constrain
 
 # Per-layer LoRA factors for the whole stack: target name ("q", "k", ..., "down") -> factors whose
 # arrays carry a leading layer axis [L, A, ...]. Base weights never see these.
@@ -38,13 +39,21 @@ class Gemma2(nnx.Module):
             return Block(cfg, param_dtype=param_dtype, rngs=rngs)
 
         self.blocks = make_blocks(rngs)
+        # The vmap stacked every block weight along a new leading axis: name it, so each parameter's
+        # logical_axes cover all of its axes (what `lgeo_jax.sharding.place` and the loader lay out by).
+        for _, var in nnx.iter_graph(self.blocks):
+            if isinstance(var, nnx.Variable):
+                var.set_metadata(logical_axes=("layers", *var.get_metadata()["logical_axes"]))
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, param_dtype=param_dtype)
 
     # ---- pieces ------------------------------------------------------------------------------------
     def embed_tokens(self, input_ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
         """[B, T] -> [B, T, D], scaled by sqrt(d_model) rounded to the activation dtype (59.75 for 9B bf16)."""
         normalizer = jnp.asarray(self.config.d_model**0.5, dtype=dtype)
-        return self.embed[...][input_ids].astype(dtype) * normalizer
+        # Gather whole rows: with the table's embed axis split (fsdp) XLA cannot split the lookup's output by
+        # batch and falls back to replicating it; a vocab split alone is a masked lookup plus one all-reduce.
+        table = constrain(self.embed[...], ("vocab", None))  # [V, D]
+        return table[input_ids].astype(dtype) * normalizer
 
     def run_blocks(self, x: jax.Array, positions: jax.Array, valid: jax.Array, *, n_layers: int,
                    capture: Sequence[int] = (), lora: StackedLora | None = None,
@@ -77,20 +86,21 @@ class Gemma2(nnx.Module):
             x, captured = carry
             take = lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)
             x = layer_step(x, jax.tree.map(take, stacked), jax.tree.map(take, lora), windows[layer])
+            x = constrain(x, ("batch", None, None))  # the stream stays split by batch rows between blocks
             if capture:
                 slot = slots[layer]
                 captured = jax.lax.cond(slot >= 0, lambda c: c.at[slot].set(x.astype(jnp.float32)),
                                         lambda c: c, captured)
             return x, captured
 
-        captured = jnp.zeros((len(capture),) + x.shape, jnp.float32)
+        captured = constrain(jnp.zeros((len(capture),) + x.shape, jnp.float32), (None, "batch", None, None))
         return jax.lax.fori_loop(0, n_layers, body, (x, captured))
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final norm, tied LM head and final softcap: [B, T, D] -> [B, T, V] float32."""
         h = self.final_norm(x)
         out = jnp.einsum("BTD,VD->BTV", h, self.embed[...].astype(h.dtype), preferred_element_type=jnp.float32)
-        return softcap(out, self.config.final_logit_softcap)
+        return constrain(softcap(out, self.config.final_logit_softcap), ("batch", None, "vocab"))
 
     # ---- whole passes ------------------------------------------------------------------------------
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
@@ -99,21 +109,21 @@ class Gemma2(nnx.Module):
         """Logits [A, B, T, V] float32 for the base (A=1) or base plus adapters stacked in `lora`."""
         x, positions, valid = self.prepare_inputs(input_ids, attention_mask, n_adapters, dtype)
         x, _ = self.run_blocks(x, positions, valid, n_layers=self.config.n_layers, lora=lora, remat=remat)
-        out = self.logits(x)
-        return out.reshape(n_adapters, -1, *out.shape[1:])
+        out = self.logits(x)  # [B*A, T, V]
+        return out.reshape(-1, n_adapters, *out.shape[1:]).swapaxes(0, 1)  # [A, B, T, V]
 
     def prepare_inputs(self, input_ids: jax.Array, attention_mask: jax.Array | None, n_adapters: int,
                        dtype: jnp.dtype | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Embeds once, then tiles embedding, positions and validity over the adapter axis: [A*B, ...]
-        (the inputs of `run_blocks` for the base and `n_adapters - 1` adapters in one pass)."""
+        """Embeds once, then repeats embedding, positions and validity for each adapter: [B*A, ...], row
+        b * A + a (the inputs of `run_blocks` for the base and `n_adapters - 1` adapters in one pass; the
+        adapter axis sits behind the batch so a batch split over devices stays split the same way)."""
         dtype = jnp.dtype(dtype or self.embed[...].dtype)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         valid = attention_mask.astype(bool)
         positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)  # [B, T]
-        x = self.embed_tokens(input_ids, dtype)  # [B, T, D]
-        tile = lambda a: jnp.broadcast_to(a[None], (n_adapters,) + a.shape).reshape(-1, *a.shape[1:])
-        return tile(x), tile(positions), tile(valid)
+        x = constrain(self.embed_tokens(input_ids, dtype), ("batch", None, None))  # [B, T, D]
+        return tuple(jnp.repeat(a, n_adapters, axis=0) for a in (x, positions, valid))  # [B*A, ...]
 
 
 def init_model(cfg: Gemma2Config, *, seed: int = 0, param_dtype: jnp.dtype = jnp.float32) -> Gemma2:

@@ -1,5 +1,6 @@
-"""The study's report: `report.md` (Tables 4-12, each number beside its nulls and the paper's value),
-`figures.csv` / `figures.json` with every number, and plots (matplotlib, Agg backend).
+"""The study's report: `report.md` (the SAEs' training health, Tables 2 and 4-12, each number with its interval,
+beside its nulls and the paper's value, verdicts against the nulls), `figures.csv` / `figures.json` with every
+number, and captioned plots (matplotlib, Agg backend).
 
 Typical use (the `report` stage does this)::
 
@@ -7,9 +8,9 @@ Typical use (the `report` stage does this)::
 """
 
 from lgeo_jax.report._config import PlotFormat, ReportConfig
-from lgeo_jax.report._figures import figure_rows, paper_value, rows_to_csv
+from lgeo_jax.report._figures import figure_rows, flatten, paper_value, rows_to_csv
 from lgeo_jax.report._markdown import render_markdown
 from lgeo_jax.report._write import FIGURES_CSV, FIGURES_JSON, REPORT_FILE, write_report
 
-__all__ = ["FIGURES_CSV", "FIGURES_JSON", "REPORT_FILE", "PlotFormat", "ReportConfig", "figure_rows", "paper_value",
-           "render_markdown", "rows_to_csv", "write_report"]
+__all__ = ["FIGURES_CSV", "FIGURES_JSON", "REPORT_FILE", "PlotFormat", "ReportConfig", "figure_rows", "flatten",
+           "paper_value", "render_markdown", "rows_to_csv", "write_report"]

@@ -1,4 +1,4 @@
-"""The paper's reported numbers (arXiv 2605.28896, Tables 4-12), transcribed as data.
+"""The paper's reported numbers (arXiv 2605.28896, Tables 2 and 4-12), transcribed as data.
 
 Gemma-2-9B, Gemma Scope width_16k, LoRA ranks 4/8/16/32, layers 5/10/18/22/32/38. Grid tables map
 layer -> rank -> value. Cells the paper does not report are absent (never zero). The report puts these
@@ -14,6 +14,14 @@ PAPER_LAYERS = (5, 10, 18, 22, 32, 38)
 def _grid(rows: dict[int, tuple[float, ...]]) -> dict[int, dict[int, float]]:
     return {layer: dict(zip(PAPER_RANKS, values, strict=True)) for layer, values in rows.items()}
 
+
+TABLE2_ADAPTERS = {  # rank -> trainable parameters, % of the 9.24B total, final training loss
+    4: {"trainable_params": 4_472_832, "pct_of_total": 0.048, "final_train_loss": 1.1272},
+    8: {"trainable_params": 8_945_664, "pct_of_total": 0.097, "final_train_loss": 1.0953},
+    16: {"trainable_params": 17_891_328, "pct_of_total": 0.193, "final_train_loss": 1.0494},
+    32: {"trainable_params": 35_782_656, "pct_of_total": 0.387, "final_train_loss": 0.9914},
+}
+"""Table 2: LoRA adapters (trainable parameters = r x 26,624 x 42 layers)."""
 
 TABLE4_MEAN_DELTA_NORM = _grid({
     5: (18.13, 20.13, 19.29, 22.25),
@@ -90,7 +98,8 @@ TABLE10_SUMMARY = {
     "pct_near_orthogonal": 66.3,
     "pct_aligned": 0.0,
 }
-"""Table 10: principal angles of top-256 subspaces (degrees; per-cell means span 72.4-75.0)."""
+"""Table 10: principal angles of top-256 subspaces (degrees; per-cell means span 72.4-75.0). The paper's per-cell
+values are not transcribed (docs/paper.md gives this summary only), so none is shown per cell."""
 
 TABLE11_CKA_DELTA_BASE = _grid({
     5: (0.353, 0.362, 0.304, 0.328),

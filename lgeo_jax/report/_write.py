@@ -23,19 +23,19 @@ def write_report(results: Mapping[str, Any], arrays: Mapping[int, Mapping[str, n
     """Writes `report.md`, `figures.csv`, `figures.json` and (with `config.plots`) the figures; returns the file
     names. The title is `config.title`, else `default_title`.
 
-    `results` is the analysis stage's `results.json`; `arrays` maps layer -> its raw max-cosine / angle
-    arrays (`<adapter>/<comparison>/<max_cos|max_cos_abs|angles>`).
+    `results` is the analysis stage's `results.json`; `arrays` maps layer -> its raw arrays
+    (`<adapter>/<comparison>/<max_cos|angles>`, `<adapter>/spectrum`, ...; `lgeo_jax.analysis.analyze_layer`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_names: list[str] = []
+    plots: list[tuple[str, str]] = []
     if config.plots:
         from lgeo_jax.report._plots import write_plots  # matplotlib only when plotting
 
-        plot_names = write_plots(results, arrays, out_dir, config.plot_format.value)
+        plots = write_plots(results, arrays, out_dir, config.plot_format.value)
     rows = figure_rows(results)
     atomic_write_text(out_dir / FIGURES_CSV, rows_to_csv(rows))
     atomic_write_json(out_dir / FIGURES_JSON, {"results": results, "rows": rows})
     atomic_write_text(out_dir / REPORT_FILE, render_markdown(results, title=config.title or default_title,
-                                                             with_paper=config.paper_tables, plots=plot_names))
-    return [*plot_names, FIGURES_CSV, FIGURES_JSON, REPORT_FILE]
+                                                             with_paper=config.paper_tables, plots=plots))
+    return [*(name for name, _ in plots), FIGURES_CSV, FIGURES_JSON, REPORT_FILE]

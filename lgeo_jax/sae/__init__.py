@@ -1,10 +1,11 @@
-"""Sparse autoencoders on (delta) activations: models, many-at-once training, L1 sweeps, formats.
+"""Sparse autoencoders on (delta) activations: models, many-at-once training (ReLU + L1, TopK and BatchTopK
+with AuxK, JumpReLU with an L0 penalty), L1 sweeps that search for their L0 target, training health, formats.
 
 Conventions (docs/conventions.md): each SAE sees ``x / s`` with its saved RMS scale
 ``s = sqrt(mean_t ||x_t||^2 / d)`` (1 with ``normalize: none``); reconstructions and held-out errors are in
-original units. Loss:
-MSE summed over d and averaged over tokens, plus L1 on activations with unit-norm decoder rows (or
-decoder-norm-weighted L1 as an option); see `lgeo_jax.sae._step`.
+original units. Loss: MSE summed over d and averaged over tokens plus the architecture's term, equal to
+SAELens' training loss (`lgeo_jax.sae._losses`); unit-norm decoder rows (or decoder-norm-weighted L1 as an
+option for ReLU).
 """
 
 from lgeo_jax.sae._config import Arch, BDecInit, Normalize, SAEConfig, SAETrainConfig, Sparsity
@@ -21,17 +22,19 @@ from lgeo_jax.sae._formats import (
     write_saelens,
     write_sparsify,
 )
+from lgeo_jax.sae._health import MOVED_COS, SAEHealth, sae_health
 from lgeo_jax.sae._log import plot_metrics, read_metrics
 from lgeo_jax.sae._memory import SAEMemory, estimate_sae_memory
 from lgeo_jax.sae._models import SAE, decode, encode, init_params
-from lgeo_jax.sae._source import ArraySource, Batch, BatchSource
-from lgeo_jax.sae._sweep import SweepPoint, l1_sweep, pick_l1
-from lgeo_jax.sae._train import TrainResult, default_mesh, train_saes
+from lgeo_jax.sae._source import ArraySource, Batch, BatchSource, StackedSource
+from lgeo_jax.sae._sweep import SweepPoint, SweepSearch, l1_sweep, next_grid, pick_l1, search_l1
+from lgeo_jax.sae._train import TrainResult, default_mesh, initial_decoder, train_saes
 
 __all__ = [
-    "FORMATS", "SAE", "Arch", "ArraySource", "BDecInit", "Batch", "BatchSource", "Normalize", "SAEConfig", "SAEMemory",
-    "SAETrainConfig", "Sparsity", "SweepPoint", "TrainResult", "decode", "default_mesh", "encode",
-    "estimate_sae_memory", "export_sae", "gemma_scope_path", "init_params", "l1_sweep", "load_gemma_scope",
-    "load_sae", "load_saelens", "load_sparsify", "pick_l1", "plot_metrics", "read_metrics", "save_sae",
-    "train_saes", "write_gemma_scope", "write_saelens", "write_sparsify",
+    "FORMATS", "MOVED_COS", "SAE", "Arch", "ArraySource", "BDecInit", "Batch", "BatchSource", "Normalize", "SAEConfig",
+    "SAEHealth", "SAEMemory", "SAETrainConfig", "Sparsity", "StackedSource", "SweepPoint", "SweepSearch",
+    "TrainResult", "decode", "default_mesh", "encode", "estimate_sae_memory", "export_sae", "gemma_scope_path",
+    "init_params", "initial_decoder", "l1_sweep", "load_gemma_scope", "load_sae", "load_saelens", "load_sparsify",
+    "next_grid", "pick_l1", "plot_metrics", "read_metrics", "sae_health", "save_sae", "search_l1", "train_saes",
+    "write_gemma_scope", "write_saelens", "write_sparsify",
 ]

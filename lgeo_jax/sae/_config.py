@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from lgeo_jax.config import (
     Problem,
@@ -26,16 +26,34 @@ from lgeo_jax.optim import Schedule
 class Arch(enum.StrEnum):
     """SAE architectures. The encoder forms differ in whether b_dec is subtracted from the input first.
 
-    - ``RELU``: ``f = relu((x - b_dec) W_enc + b_enc)`` (SAELens "standard", the paper's delta SAE).
+    - ``RELU``: ``f = relu((x - b_dec) W_enc + b_enc)`` (SAELens "standard", the paper's delta SAE); trained
+      with an L1 penalty.
     - ``JUMPRELU``: ``pre = x W_enc + b_enc``; ``f = (pre > threshold) * relu(pre)`` (Gemma Scope; b_dec
-      is NOT subtracted). Loaded and run; not trained here.
-    - ``TOPK``: ``f = relu(topk_k((x - b_dec) W_enc + b_enc))`` (SAELens "topk", sparsify).
+      is NOT subtracted); trained with an L0 penalty through a straight-through threshold gradient.
+    - ``TOPK``: ``f = relu(topk_k((x - b_dec) W_enc + b_enc))`` (SAELens "topk", sparsify); trained with AuxK.
+    - ``BATCHTOPK``: trained with the ``k * batch`` largest activations of the whole batch kept (SAELens
+      "batchtopk", AuxK as TopK); runs as ``f = (pre > threshold) * relu(pre)`` on
+      ``pre = (x - b_dec) W_enc + b_enc`` with the threshold learnt during training (what SAELens saves).
     All decode with ``x_hat = f W_dec + b_dec``.
     """
 
     RELU = "relu"
     JUMPRELU = "jumprelu"
     TOPK = "topk"
+    BATCHTOPK = "batchtopk"
+
+    @property
+    def subtracts_b_dec(self) -> bool:
+        """Whether the encoder sees ``x - b_dec`` (all but Gemma Scope's JumpReLU form)."""
+        return self is not Arch.JUMPRELU
+
+    @property
+    def has_threshold(self) -> bool:
+        return self in (Arch.JUMPRELU, Arch.BATCHTOPK)
+
+    @property
+    def uses_k(self) -> bool:
+        return self in (Arch.TOPK, Arch.BATCHTOPK)
 
 
 class Sparsity(enum.StrEnum):
@@ -73,10 +91,11 @@ class _ArchitectureChecks:
 
     @cross_check("architecture", "k")
     def _topk(self) -> Iterator[Problem]:
-        if self.architecture is Arch.TOPK and self.k is None:
-            yield Problem("k", "required when architecture is 'topk' (active latents per token)")
-        if self.architecture is not Arch.TOPK and self.k is not None:
-            yield Problem("k", f"only used with architecture 'topk', not '{self.architecture.value}'; remove it")
+        arch = self.architecture
+        if arch.uses_k and self.k is None:
+            yield Problem("k", f"required when architecture is '{arch.value}' (active latents per token)")
+        if not arch.uses_k and self.k is not None:
+            yield Problem("k", f"only used with architecture 'topk' or 'batchtopk', not '{arch.value}'; remove it")
 
 
 @dataclasses.dataclass(frozen=True)  # positional (d_in, d_sae, architecture): SAEs are built in code all the time
@@ -86,7 +105,7 @@ class SAEConfig(_ArchitectureChecks, Section):
     d_in: int = field(check=greater(0))
     d_sae: int = field(check=greater(0))
     architecture: Arch = field(Arch.RELU)
-    k: int | None = field(None, check=greater(0))  # active latents per token, TopK only
+    k: int | None = field(None, check=greater(0))  # active latents per token (TopK) or per token on average
 
     @cross_check("d_sae", "k")
     def _k_fits(self) -> Iterator[Problem]:
@@ -94,32 +113,78 @@ class SAEConfig(_ArchitectureChecks, Section):
             yield Problem("k", f"{self.k} exceeds d_sae={self.d_sae}")
 
 
-def _default_l1(s: SAETrainConfig) -> float | None:
-    return 0.15 if s.architecture is Arch.RELU else None  # the paper's post-norm coefficient; TopK has no L1
+class _ForArch:
+    """A derived default that exists for some architectures only: `value` for them, None for the others.
+    `SAETrainConfig` refuses such a field set for an architecture that does not use it (one rule, read
+    from the fields themselves, so no second table of which setting belongs to which architecture)."""
+
+    def __init__(self, value, *archs: Arch, why: str | Callable[[Arch], str]):
+        self.value, self.archs, self.why = value, archs, why
+
+    def reason(self, arch: Arch) -> str:
+        return self.why(arch) if callable(self.why) else self.why
+
+    def __call__(self, s: SAETrainConfig):
+        return self.value if s.architecture in self.archs else None
+
+
+def _fraction(value: float) -> Iterator[tuple[str, str]]:
+    if not 0 < value <= 1:
+        yield "", f"expected a fraction in (0, 1], got {value:g}"
+
+
+def _for_arch(value, *archs: Arch, why: str | Callable[[Arch], str], check=None):
+    return field(check=check, derived=_ForArch(value, *archs, why=why))
 
 
 @section
 class SAETrainConfig(_ArchitectureChecks, Section):
     """The `sae` section: SAEs on delta activations (and, with `base_saes`, on h_base for the base-base
     baseline), all trained in one job. Every SAE of the job shares these settings; each gets its own L1
-    coefficient (a sweep point, or `l1`) and seed.
+    coefficient (a sweep point, or `l1`) and seed, and each seed its own data order.
 
-    Loss (in SAE units, see `lgeo_jax.sae._step`): squared error summed over d, averaged over tokens, plus
-    ``l1 * mean_tokens sum_i f_i`` for ReLU. Length: exactly one of `epochs` (passes over the training
-    split), `token_budget` (tokens per SAE) or `steps`. Learning rate: linear warmup over
-    `lr_warmup_steps`, then `lr_schedule` (constant, or linear / cosine decay to 0 over the last
-    `lr_decay_fraction` of the steps). The L1 coefficient ramps linearly from 0 over `l1_warmup_steps`.
+    Loss (in SAE units, see `lgeo_jax.sae._losses`): squared error summed over d, averaged over tokens, plus
+    the architecture's sparsity term: ReLU ``l1 * mean_tokens sum_i f_i`` (ramped in over
+    `l1_warmup_steps`); TopK / BatchTopK none (k sets the sparsity) but the AuxK loss (``auxk_coeff``) that
+    gives dead latents the live latents' residual; JumpReLU ``l0_coeff * mean_tokens L0`` through a
+    straight-through threshold gradient (bandwidth `jumprelu_bandwidth`). Decoder rows are unit-norm
+    (gradient component along each row removed, then rows renormalised after each step) unless a ReLU SAE
+    uses `sparsity: decoder_norm`. Length: exactly one of `epochs` (passes over the training split),
+    `token_budget` (tokens per SAE) or `steps`. Learning rate: linear warmup over `lr_warmup_steps`, then
+    `lr_schedule` (constant, or linear / cosine decay to 0 over the last `lr_decay_fraction` of the steps).
+
+    `l1: null` picks the coefficient from `l1_sweep` whose held-out L0 lies in `l0_target`; when none does,
+    up to `l1_sweep_rounds` more rounds search (inside the bracketing pair of coefficients, or beyond the grid
+    on the side the target lies), and if still none lands inside, the stage fails naming the L0s found and
+    the grid to try next (`allow_off_target: true` takes the nearest instead, with a warning).
     """
 
     architecture: Arch = default_of(SAEConfig, "architecture", Arch.RELU)
     k: int | None = default_of(SAEConfig, "k", None)
     width: int | None = field(16_384, check=greater(0))
     expansion_factor: float | None = field(None, check=greater(0))
-    l1: float | None = field(check=greater(0), derived=_default_l1)  # ReLU; None: pick from l1_sweep by l0_target
+    # the paper's post-norm coefficient; None: pick from l1_sweep by l0_target
+    l1: float | None = _for_arch(0.15, Arch.RELU, why=lambda a: "k sets the sparsity" if a.uses_k else
+                                 "its sparsity term is l0_coeff", check=greater(0))
     l1_sweep: tuple[float, ...] = field((), check=each(greater(0)))
+    l1_sweep_rounds: int = field(2, check=at_least(0))  # more rounds when l1 is null and no point is on target
     l0_target: tuple[float, float] = field((20.0, 50.0), check=each(greater(0)))  # the paper's 20-50 active
+    allow_off_target: bool = field(False)  # l1: null and no sweep point on target: warn, take the nearest
     l1_warmup_steps: int = field(0, check=at_least(0))
     sparsity: Sparsity = field(Sparsity.UNIT_DECODER)
+    auxk_coeff: float | None = _for_arch(1.0, Arch.TOPK, Arch.BATCHTOPK, why="AuxK is the TopK family's dead-"
+                                         "latent loss", check=at_least(0))  # SAELens' aux_loss_coefficient
+    batchtopk_threshold_lr: float | None = _for_arch(0.01, Arch.BATCHTOPK, why="only BatchTopK learns a "
+                                                     "global threshold", check=in_range(0.0, 1.0))
+    l0_coeff: float | None = _for_arch(1.0, Arch.JUMPRELU, why="only JumpReLU trains an L0 penalty",
+                                       check=greater(0))  # SAELens' l0_coefficient ("step" mode)
+    jumprelu_bandwidth: float | None = _for_arch(0.05, Arch.JUMPRELU, why="it is the JumpReLU threshold's "
+                                                 "straight-through kernel width", check=greater(0))
+    # SAELens' 0.01 is for its 0.1-norm initial decoder rows; ours are unit-norm, so pre-activations start ~10x
+    # larger (about N(0, 1) in SAE units) and so does the threshold
+    jumprelu_init_threshold: float | None = _for_arch(0.1, Arch.JUMPRELU, why="only JumpReLU has a trained "
+                                                      "per-latent threshold", check=at_least(0))
+    resample_dead: bool = field(False)  # ReLU: re-initialise dead latents every dead window, first half of the run
     normalize: Normalize = field(Normalize.RMS)
     lr: float = field(1e-4, check=greater(0))
     lr_warmup_steps: int = field(0, check=at_least(0))
@@ -134,7 +199,8 @@ class SAETrainConfig(_ArchitectureChecks, Section):
     steps: int | None = field(None, check=greater(0))
     b_dec_init: BDecInit = field(BDecInit.GEOMETRIC_MEDIAN)
     scale_batches: int = field(16, check=greater(0))  # batches (from the stream's start) that fix scale and b_dec
-    dead_window_tokens: int = field(1_000_000, check=greater(0))  # a latent silent this long counts as dead
+    # a latent silent for this fraction of the run's steps counts as dead (health, AuxK, resampling)
+    dead_window_fraction: float = field(0.1, check=_fraction)
     eval_rows: int = field(4096, check=at_least(0))  # held-out rows per SAE for its metrics; 0: none
     seeds: tuple[int, ...] = field((0,), check=nonempty_distinct(at_least(0)))
     base_saes: bool = field(True)
@@ -161,6 +227,15 @@ class SAETrainConfig(_ArchitectureChecks, Section):
     def decay_steps(self, total: int) -> int:
         return int(round(self.lr_decay_fraction * total))
 
+    def dead_window_steps(self, total: int) -> int:
+        """Steps a latent must stay silent to count as dead: `dead_window_fraction` of a `total`-step run."""
+        return max(1, int(round(self.dead_window_fraction * total)))
+
+    @property
+    def unit_decoder(self) -> bool:
+        """Decoder rows held at unit norm (every architecture but a ReLU SAE with `sparsity: decoder_norm`)."""
+        return self.sparsity is Sparsity.UNIT_DECODER
+
     @cross_check("width", "expansion_factor")
     def _width(self) -> Iterator[Problem]:
         if (self.width is None) == (self.expansion_factor is None):
@@ -177,17 +252,25 @@ class SAETrainConfig(_ArchitectureChecks, Section):
             yield Problem("epochs", f"set exactly one of sae.epochs, sae.token_budget and sae.steps (got "
                                     f"{', '.join(given) or 'none'}; set the others to null)")
 
-    @cross_check("architecture", "l1", "l1_sweep")
-    def _penalty(self) -> Iterator[Problem]:
-        if self.architecture is Arch.JUMPRELU:
-            yield Problem("architecture", "JumpReLU SAEs are loaded and run (Gemma Scope), not trained here; "
-                                          "train 'relu' or 'topk'")
-        elif self.architecture is Arch.RELU and self.l1 is None and not self.l1_sweep:
+    @cross_check("architecture", "l1", "l1_sweep", "auxk_coeff", "batchtopk_threshold_lr", "l0_coeff",
+                 "jumprelu_bandwidth", "jumprelu_init_threshold", "resample_dead", "sparsity")
+    def _per_architecture(self) -> Iterator[Problem]:
+        arch = self.architecture
+        for f in dataclasses.fields(self):
+            rule = f.metadata.get("derived")
+            if isinstance(rule, _ForArch) and arch not in rule.archs and getattr(self, f.name) is not None:
+                yield Problem(f.name, f"not used by architecture '{arch.value}' ({rule.reason(arch)}); remove it")
+        if arch is Arch.RELU and self.l1 is None and not self.l1_sweep:
             yield Problem("l1", "null means 'pick from sae.l1_sweep by sae.l0_target', but sae.l1_sweep is empty")
-        elif self.architecture is Arch.TOPK:
-            for name in ("l1", "l1_sweep"):
-                if getattr(self, name):
-                    yield Problem(name, "not used by architecture 'topk' (k sets the sparsity); remove it")
+        if arch is not Arch.RELU and self.l1_sweep:
+            yield Problem("l1_sweep", f"not used by architecture '{arch.value}' (only ReLU has an L1 penalty); "
+                                      "remove it")
+        if arch is not Arch.RELU and self.resample_dead:
+            yield Problem("resample_dead", f"only for architecture 'relu' ('{arch.value}' has its own dead-latent "
+                                           "remedy); remove it")
+        if arch is not Arch.RELU and self.sparsity is Sparsity.DECODER_NORM:
+            yield Problem("sparsity", f"decoder_norm weights the ReLU L1 penalty; '{arch.value}' SAEs keep unit "
+                                      "decoder rows")
 
     @cross_check("l0_target")
     def _l0_target(self) -> Iterator[Problem]:

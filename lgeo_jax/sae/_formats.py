@@ -4,7 +4,8 @@ Third-party formats see raw activations, so exports fold our RMS scale ``s`` int
 seeing ``x / s``, ``W_enc' = W_enc / s``, ``W_dec' = s W_dec``, ``b_dec' = s b_dec`` (``b_enc`` and the
 JumpReLU threshold are unchanged) gives the same latents and the reconstruction in original units. The
 b_dec-subtraction convention is converted where formats differ: a ReLU SAE written as Gemma Scope npz (no
-subtraction) gets ``b_enc' = b_enc - b_dec' W_enc'`` and a zero threshold (JumpReLU at 0 is ReLU).
+subtraction) gets ``b_enc' = b_enc - b_dec' W_enc'`` and a zero threshold (JumpReLU at 0 is ReLU); a BatchTopK
+SAE is written as the JumpReLU SAE it runs as (SAELens saves it that way too).
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ def load_gemma_scope(path: str | pathlib.Path) -> SAE:
 
 
 def load_saelens(path: str | pathlib.Path) -> SAE:
-    """A SAELens directory (standard / jumprelu / topk, ``normalize_activations: none``), as our forms."""
+    """A SAELens directory (standard / jumprelu / topk, ``normalize_activations: none``), as our forms. A missing
+    ``apply_b_dec_to_input`` takes SAELens' own default, True for every architecture (``SAEConfig``; its
+    JumpReLU config does not override it), so such a JumpReLU SAE subtracts b_dec like the others."""
     path = pathlib.Path(path)
     cfg = _config_file(path)
     arch = cfg.get("architecture", "standard")
@@ -122,9 +125,8 @@ def load_saelens(path: str | pathlib.Path) -> SAE:
         raise ValueError(f"{path}/cfg.json: architecture {arch!r} not supported (standard, jumprelu, topk)")
     params = _load_f32(path / SAELENS_WEIGHTS)
     params.pop("log_threshold", None)
-    # SAELens's own defaults when the key is missing: standard / topk subtract b_dec, jumprelu does not
-    subtracts = bool(cfg.get("apply_b_dec_to_input", ours is not Arch.JUMPRELU))
-    if subtracts != (ours is not Arch.JUMPRELU):
+    subtracts = bool(cfg.get("apply_b_dec_to_input", True))
+    if subtracts != ours.subtracts_b_dec:
         # Move b_dec between the input and b_enc; pre-activations (and so the threshold test) are unchanged.
         sign = 1.0 if subtracts else -1.0
         params["b_enc"] = params["b_enc"] - sign * params["b_dec"] @ params["W_enc"]
@@ -166,9 +168,10 @@ def _folded(sae: SAE) -> dict[str, np.ndarray]:
 def write_saelens(sae: SAE, out_dir: str | pathlib.Path) -> None:
     """SAELens directory (`cfg.json` + `sae_weights.safetensors`), scale folded in."""
     out_dir = pathlib.Path(out_dir)
-    arch = {Arch.RELU: "standard", Arch.JUMPRELU: "jumprelu", Arch.TOPK: "topk"}[sae.cfg.architecture]
+    arch = {Arch.RELU: "standard", Arch.JUMPRELU: "jumprelu", Arch.TOPK: "topk",
+            Arch.BATCHTOPK: "jumprelu"}[sae.cfg.architecture]
     cfg = {"architecture": arch, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "dtype": "float32", "device": "cpu",
-           "apply_b_dec_to_input": sae.cfg.architecture is not Arch.JUMPRELU, "normalize_activations": "none",
+           "apply_b_dec_to_input": sae.cfg.architecture.subtracts_b_dec, "normalize_activations": "none",
            "reshape_activations": "none", "metadata": {"exported_by": "lgeo_jax"}}
     if sae.cfg.architecture is Arch.TOPK:
         cfg["k"] = sae.cfg.k
@@ -183,8 +186,9 @@ def write_gemma_scope(sae: SAE, out_dir: str | pathlib.Path) -> None:
     if sae.cfg.architecture is Arch.TOPK:
         raise ValueError("Gemma Scope npz holds JumpReLU SAEs; a TopK SAE cannot be written in it (use sparsify)")
     p = _folded(sae)
-    if sae.cfg.architecture is Arch.RELU:
+    if sae.cfg.architecture.subtracts_b_dec:  # ReLU, BatchTopK
         p["b_enc"] = p["b_enc"] - p["b_dec"] @ p["W_enc"]
+    if sae.cfg.architecture is Arch.RELU:
         p["threshold"] = np.zeros(sae.cfg.d_sae, np.float32)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_npz(out_dir / GEMMA_SCOPE_FILE, p)

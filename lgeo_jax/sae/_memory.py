@@ -46,7 +46,7 @@ def estimate_sae_memory(d_in: int, d_sae: int, n_sae: int, batch_size: int, mesh
     model, data = shape.get("model", 1), shape.get("data", 1)
     per_dev_sae = math.ceil(n_sae / model)
     per_dev_tok = math.ceil(batch_size / data)
-    n_params = 2 * d_in * d_sae + d_sae + d_in + (d_sae if arch is Arch.JUMPRELU else 0)
+    n_params = 2 * d_in * d_sae + d_sae + d_in + (d_sae if arch.has_threshold else 0)
     params = 4 * n_params * per_dev_sae
     acts = 4 * per_dev_sae * per_dev_tok * (4 * d_sae + 4 * d_in)
     return SAEMemory(per_dev_sae, per_dev_tok, params, params, 2 * params, acts)

@@ -1,7 +1,8 @@
-"""SAE forward passes (ReLU, JumpReLU, TopK) as pure functions of a parameter dict, plus the `SAE` value.
+"""SAE forward passes (ReLU, JumpReLU, TopK, BatchTopK) as pure functions of a parameter dict, plus the `SAE`
+value. These are the inference forms; training-time activations and losses are in `_losses`.
 
 Parameters are a plain dict ``{"W_enc" [D, F], "b_enc" [F], "W_dec" [F, D], "b_dec" [D]}`` (+ ``"threshold"
-[F]`` for JumpReLU): the SAELens / Gemma Scope names and layouts, so formats map one to one and a leading
+[F]`` for JumpReLU and BatchTopK): the SAELens / Gemma Scope names and layouts, so formats map one to one and a leading
 SAE axis ``S`` can be added by ``jax.vmap`` for training many at once. Einsum letters: B tokens, D d_in,
 F d_sae. The functions work in *SAE units* (input already divided by the RMS scale); `SAE` wraps them in
 original units.
@@ -25,7 +26,7 @@ PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 def param_names(cfg: SAEConfig) -> tuple[str, ...]:
     """Keys a parameter dict of this architecture must hold."""
-    return PARAM_NAMES + (("threshold",) if cfg.architecture is Arch.JUMPRELU else ())
+    return PARAM_NAMES + (("threshold",) if cfg.architecture.has_threshold else ())
 
 
 def init_params(key: jax.Array, cfg: SAEConfig) -> Params:
@@ -38,23 +39,24 @@ def init_params(key: jax.Array, cfg: SAEConfig) -> Params:
     w_dec = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
     params = {"W_enc": w_dec.T, "b_enc": jnp.zeros(cfg.d_sae, jnp.float32), "W_dec": w_dec,
               "b_dec": jnp.zeros(cfg.d_in, jnp.float32)}
-    if cfg.architecture is Arch.JUMPRELU:
+    if cfg.architecture.has_threshold:
         params["threshold"] = jnp.zeros(cfg.d_sae, jnp.float32)
     return params
 
 
 def pre_activations(params: Params, x: Float[Array, "B D"], cfg: SAEConfig) -> Float[Array, "B F"]:
-    """Encoder pre-activations; ReLU/TopK subtract b_dec from the input first, JumpReLU does not."""
-    if cfg.architecture is not Arch.JUMPRELU:
+    """Encoder pre-activations; ReLU / TopK / BatchTopK subtract b_dec from the input first, JumpReLU does not."""
+    if cfg.architecture.subtracts_b_dec:
         x = x - params["b_dec"]
     return jnp.einsum("bd,df->bf", x, params["W_enc"]) + params["b_enc"]  # [B, F]
 
 
 def activate(params: Params, pre: Float[Array, "B F"], cfg: SAEConfig) -> Float[Array, "B F"]:
-    """Latent activations from pre-activations (the architecture's nonlinearity)."""
+    """Latent activations from pre-activations (the architecture's inference nonlinearity; BatchTopK runs as
+    the JumpReLU gate at its learnt threshold, as SAELens saves it)."""
     if cfg.architecture is Arch.RELU:
         return jax.nn.relu(pre)
-    if cfg.architecture is Arch.JUMPRELU:
+    if cfg.architecture.has_threshold:
         return jnp.where(pre > params["threshold"], jax.nn.relu(pre), 0.0)
     values, idx = jax.lax.top_k(pre, cfg.k)  # [B, K]
     rows = jnp.arange(pre.shape[0])[:, None]  # [B, 1]

@@ -91,3 +91,26 @@ class ArraySource:
             raise ValueError("ArraySource: no held_out arrays were given; pass held_out=... or set "
                              "sae.eval_rows=0")
         return np.stack([np.asarray(self._held[a][:max_rows], np.float32) for a in self.sae_to_array])  # [S, N, D]
+
+
+class StackedSource:
+    """Several `BatchSource`s side by side as one: SAE axis = their SAEs in order. Each part keeps its own
+    row order, which is how SAEs of different seeds get different data orders in one job; every part must
+    have the same ``d_in`` and ``n_rows`` (one split of one corpus, read in several orders)."""
+
+    def __init__(self, parts: Sequence[BatchSource]):
+        if not parts:
+            raise ValueError("StackedSource: need at least one source")
+        shapes = {(p.d_in, p.n_rows) for p in parts}
+        if len(shapes) != 1:
+            raise ValueError(f"StackedSource: parts differ in (d_in, n_rows): {sorted(shapes)}")
+        self.parts = tuple(parts)
+        self.names = tuple(n for p in parts for n in p.names)
+        (self.d_in, self.n_rows), = shapes
+
+    def batch(self, step: int, batch_size: int) -> Batch:
+        batches = [p.batch(step, batch_size) for p in self.parts]
+        return Batch(x=np.concatenate([b.x for b in batches]), rows=np.concatenate([b.rows for b in batches]))
+
+    def held_out(self, max_rows: int) -> Float[np.ndarray, "S N D"]:
+        return np.concatenate([p.held_out(max_rows) for p in self.parts])

@@ -1,11 +1,12 @@
-"""One SAE's loss, optimizer step and held-out metrics; `jax.vmap` adds the SAE axis in `_train`.
+"""One SAE's optimizer step, dead-latent resampling and held-out metrics; `jax.vmap` adds the SAE axis in
+`_train`. The losses themselves are in `_losses` (the loss convention is stated there).
 
-Loss convention (as SAELens states its own): ``mse`` is the squared error **summed over d** and averaged
-over tokens, in SAE units (input divided by the RMS scale, so ``||x||^2 ~ d`` per token). The ReLU penalty
-is ``l1 * mean_tokens sum_latents f_i`` with unit-norm decoder rows (default, `Sparsity.UNIT_DECODER`) or
-``l1 * mean_tokens sum_latents f_i ||W_dec_i||`` with a free decoder (`Sparsity.DECODER_NORM`). TopK has no
-penalty (its sparsity is k). ``loss = mse + l1_effective * penalty``, where ``l1_effective`` ramps linearly
-from 0 over ``l1_warmup_steps``.
+After the gradient, with unit-norm decoder rows (`SAETrainConfig.unit_decoder`), the component of each
+decoder row's gradient along the row is removed (it would only change the row's norm, which the projection
+undoes) and after the Adam update the rows are renormalised, as SAELens trained its unit-norm decoders
+(``remove_gradient_parallel_to_decoder_directions`` + ``set_decoder_norm_to_unit_norm``) and Gemma Scope
+trained its JumpReLU SAEs. JumpReLU thresholds are then projected to >= 0, and BatchTopK's threshold
+follows the smallest kept activation (an exponential moving average, as SAELens' ``topk_threshold``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
 from lgeo_jax.optim import lr_schedule
-from lgeo_jax.sae._config import Arch, SAEConfig, SAETrainConfig, Sparsity
+from lgeo_jax.sae._config import Arch, SAEConfig, SAETrainConfig
+from lgeo_jax.sae._losses import training_loss
 from lgeo_jax.sae._models import Params, activate, decode, pre_activations
 
 
@@ -43,43 +45,87 @@ def l1_ramp(cfg: SAETrainConfig, step: jax.Array) -> jax.Array:
     return jnp.minimum(1.0, (step + 1) / cfg.l1_warmup_steps).astype(jnp.float32)
 
 
-def penalty(params: Params, f: Float[Array, "B F"], cfg: SAEConfig, sparsity: Sparsity) -> jax.Array:
-    """Sparsity penalty per the loss convention above (0 for TopK)."""
-    if cfg.architecture is Arch.TOPK:
-        return jnp.zeros((), jnp.float32)
-    if sparsity is Sparsity.DECODER_NORM:
-        f = f * jnp.linalg.norm(params["W_dec"], axis=-1)  # [B, F]
-    return jnp.mean(jnp.sum(f, axis=-1))
+def remove_parallel(grad: Float[Array, "F D"], w: Float[Array, "F D"]) -> Float[Array, "F D"]:
+    """``grad`` minus, per row, its component along that row of ``w``."""
+    along = jnp.sum(grad * w, axis=-1, keepdims=True) / jnp.sum(w * w, axis=-1, keepdims=True)  # [F, 1]
+    return grad - along * w
 
 
-def loss_fn(params: Params, x: Float[Array, "B D"], l1: jax.Array, cfg: SAEConfig, sparsity: Sparsity):
-    """Training loss and its parts; ``x`` in SAE units."""
-    f = activate(params, pre_activations(params, x, cfg), cfg)  # [B, F]
-    x_hat = decode(params, f)  # [B, D]
-    sq_err = jnp.sum((x_hat - x) ** 2, axis=-1)  # [B]
-    mse = jnp.mean(sq_err)
-    pen = penalty(params, f, cfg, sparsity)
-    var = jnp.sum((x - jnp.mean(x, axis=0)) ** 2)
-    aux = {"mse": mse, "penalty": pen, "l0": jnp.mean(jnp.sum(f > 0, axis=-1)),
-           "fvu": jnp.sum(sq_err) / var, "fired": jnp.any(f > 0, axis=0)}
-    return mse + l1 * pen, aux
+def unit_rows(w: Float[Array, "F D"]) -> Float[Array, "F D"]:
+    return w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+
+
+def loss_and_grads(params: Params, x: Float[Array, "B D"], l1: jax.Array, dead: Bool[Array, " F"],
+                   sae_cfg: SAEConfig, train_cfg: SAETrainConfig, with_auxk: bool = True):
+    """Loss, its parts and the gradients the optimizer sees (the decoder's row-parallel part removed when
+    rows are held at unit norm); ``x`` in SAE units."""
+    (loss, aux), grads = jax.value_and_grad(training_loss, has_aux=True)(params, x, l1, dead, sae_cfg, train_cfg,
+                                                                         with_auxk)
+    if train_cfg.unit_decoder:
+        grads = {**grads, "W_dec": remove_parallel(grads["W_dec"], params["W_dec"])}
+    return loss, aux, grads
 
 
 def train_step(state: SAEState, x: Float[Array, "B D"], l1: jax.Array, step: jax.Array,
-               sae_cfg: SAEConfig, train_cfg: SAETrainConfig, optimizer: optax.GradientTransformation):
-    """One Adam step for one SAE; ``x`` is in original units and divided by the stored scale here."""
+               sae_cfg: SAEConfig, train_cfg: SAETrainConfig, optimizer: optax.GradientTransformation,
+               dead_steps: int, with_auxk: bool = True):
+    """One Adam step for one SAE; ``x`` is in original units and divided by the stored scale here. A latent
+    silent for ``dead_steps`` steps is dead (AuxK's mask; ``with_auxk=False`` only when none is)."""
     x = x / state.scale
     l1_eff = l1 * l1_ramp(train_cfg, step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, x, l1_eff, sae_cfg,
-                                                                   train_cfg.sparsity)
+    dead = state.steps_since_fired >= dead_steps  # [F]
+    loss, aux, grads = loss_and_grads(state.params, x, l1_eff, dead, sae_cfg, train_cfg, with_auxk)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    if sae_cfg.architecture is Arch.RELU and train_cfg.sparsity is Sparsity.UNIT_DECODER:
-        params["W_dec"] = params["W_dec"] / jnp.linalg.norm(params["W_dec"], axis=-1, keepdims=True)
+    if train_cfg.unit_decoder:
+        params["W_dec"] = unit_rows(params["W_dec"])
+    min_active = aux.pop("min_active")
+    if sae_cfg.architecture is Arch.JUMPRELU:
+        params["threshold"] = jnp.maximum(params["threshold"], 0.0)
+    elif sae_cfg.architecture is Arch.BATCHTOPK:  # (the loss never reads it, so Adam left it unchanged)
+        lr = train_cfg.batchtopk_threshold_lr
+        params["threshold"] = jnp.where(jnp.isfinite(min_active),
+                                        (1 - lr) * params["threshold"] + lr * min_active, params["threshold"])
     fired = aux.pop("fired")  # [F]
     steps_since = jnp.where(fired, 0, state.steps_since_fired + 1)
     metrics = {"loss": loss, "l1": l1_eff, **aux}
     return SAEState(params, opt_state, steps_since, state.scale), metrics
+
+
+def _zero_latents(tree: Params, mask: Bool[Array, " F"]) -> Params:
+    """``tree`` (params-shaped) with the encoder columns, encoder bias and decoder rows of ``mask`` zeroed."""
+    return {**tree, "W_enc": jnp.where(mask[None, :], 0.0, tree["W_enc"]),
+            "b_enc": jnp.where(mask, 0.0, tree["b_enc"]), "W_dec": jnp.where(mask[:, None], 0.0, tree["W_dec"])}
+
+
+def resample_dead(state: SAEState, x: Float[Array, "B D"], key: jax.Array, sae_cfg: SAEConfig,
+                  dead_steps: int) -> SAEState:
+    """Re-initialise the dead latents of a ReLU SAE (Anthropic, "Towards Monosemanticity", 2023): each gets
+    the direction of a batch input drawn with probability proportional to its squared reconstruction loss
+    (minus b_dec, unit norm) as its decoder row and, scaled to 0.2 x the live latents' mean encoder norm, as its
+    encoder column; zero encoder bias and Adam moments, and a fresh dead-window count. ``x`` in original units."""
+    x = x / state.scale
+    p = state.params
+    dead = state.steps_since_fired >= dead_steps  # [F]
+    err = jnp.sum((decode(p, activate(p, pre_activations(p, x, sae_cfg), sae_cfg)) - x) ** 2, axis=-1)  # [B]
+    weight = err**2 + 1e-30  # never all zero: a perfect batch still gives a valid distribution
+    pick = jax.random.choice(key, x.shape[0], (sae_cfg.d_sae,), p=weight / jnp.sum(weight))  # [F]
+    dirs = unit_rows(x[pick] - p["b_dec"])  # [F, D]
+    enc_norm = jnp.linalg.norm(p["W_enc"], axis=0)  # [F]
+    live_norm = jnp.where(jnp.any(~dead), jnp.sum(jnp.where(dead, 0.0, enc_norm)) / jnp.maximum(jnp.sum(~dead), 1),
+                          1.0)
+    params = {**p, "W_dec": jnp.where(dead[:, None], dirs, p["W_dec"]),
+              "W_enc": jnp.where(dead[None, :], dirs.T * (0.2 * live_norm), p["W_enc"]),
+              "b_enc": jnp.where(dead, 0.0, p["b_enc"])}
+
+    def reset(node):
+        if isinstance(node, optax.ScaleByAdamState):
+            return optax.ScaleByAdamState(count=node.count, mu=_zero_latents(node.mu, dead),
+                                          nu=_zero_latents(node.nu, dead))
+        return node
+
+    opt_state = jax.tree.map(reset, state.opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
+    return SAEState(params, opt_state, jnp.where(dead, 0, state.steps_since_fired), state.scale)
 
 
 def held_out_metrics(params: Params, scale: jax.Array, x: Float[Array, "N D"], cfg: SAEConfig) -> dict:

@@ -1,5 +1,5 @@
-"""L1 sweep (the paper's Table 12): several L1 coefficients on the same data as one vmapped job, and the
-rule that picks one for an L0 target range."""
+"""L1 sweep (the paper's Table 12): several L1 coefficients on the same data as one vmapped job; the search
+that keeps sweeping until a coefficient lands inside an L0 target range; and the rule that picks one."""
 
 from __future__ import annotations
 
@@ -46,6 +46,81 @@ def l1_sweep(x: np.ndarray, l1_coeffs: Sequence[float], sae_cfg: SAEConfig, trai
         points.append(SweepPoint(float(c), float(m["heldout_l0"] if held else m["l0"]), float(m["fvu"]),
                                  m.get("heldout_rel_l2"), m.get("heldout_fvu")))
     return tuple(points)
+
+
+def _inside(p: SweepPoint, l0_range: tuple[float, float]) -> bool:
+    return l0_range[0] <= p.l0 <= l0_range[1]
+
+
+def _nice(c: float) -> float:
+    return float(f"{c:.3g}")
+
+
+def next_grid(points: Sequence[SweepPoint], l0_range: tuple[float, float], n: int) -> tuple[float, ...]:
+    """The ``n`` coefficients to try after ``points`` missed ``l0_range`` (L0 falls as L1 grows): log-spaced
+    strictly inside the tightest bracketing pair (one L0 above the range, the next larger coefficient's
+    below), or, when every L0 lies on one side, continuing the grid's log spacing (at least x2 per point)
+    beyond its end on the side the range lies. Rounded to 3 significant digits."""
+    lo, hi = l0_range
+    pts = sorted(points, key=lambda p: p.l1_coeff)
+    tried = {p.l1_coeff for p in pts}
+    above = [p for p in pts if p.l0 > hi]
+    below = [p for p in pts if p.l0 < lo]
+    if above and below and max(p.l1_coeff for p in above) < max(p.l1_coeff for p in below):
+        a = max(p.l1_coeff for p in above)
+        b = min(p.l1_coeff for p in below if p.l1_coeff > a)
+        grid = np.exp(np.linspace(math.log(a), math.log(b), n + 2)[1:-1])
+    else:
+        cs = [p.l1_coeff for p in pts]
+        step = max((max(cs) / min(cs)) ** (1 / (len(cs) - 1)) if len(cs) > 1 else 10.0, 2.0)
+        # too dense (L0 above the range, or mixed without a clean bracket): stronger penalties; too sparse: weaker
+        grid = max(cs) * step ** np.arange(1, n + 1) if above else min(cs) / step ** np.arange(1, n + 1)
+    return tuple(sorted({_nice(c) for c in grid} - tried))
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSearch:
+    """What `search_l1` found: every point tried (coefficient order), the pick, and whether it is on target."""
+
+    points: tuple[SweepPoint, ...]
+    chosen: SweepPoint
+    on_target: bool
+    rounds: int  # sweep jobs run (1: the grid alone)
+    l0_range: tuple[float, float]
+    next_grid: tuple[float, ...]  # what to try next when off target (empty when on target)
+
+    def off_target_message(self) -> str:
+        lo, hi = self.l0_range
+        found = ", ".join(f"L1 {p.l1_coeff:g} -> L0 {p.l0:.1f}" for p in self.points)
+        grid = ", ".join(f"{c:g}" for c in self.next_grid)
+        return (f"sae.l1_sweep: no L1 coefficient gave a held-out L0 inside sae.l0_target [{lo:g}, {hi:g}] after "
+                f"{self.rounds} sweep round(s): {found}; try sae.l1_sweep: [{grid}] (or sae.allow_off_target: true "
+                f"to take the nearest, L1 {self.chosen.l1_coeff:g} at L0 {self.chosen.l0:.1f})")
+
+
+def search_l1(x: np.ndarray, grid: Sequence[float], sae_cfg: SAEConfig, train_cfg: SAETrainConfig,
+              out_dir: str | pathlib.Path, l0_range: tuple[float, float], rounds: int,
+              held_out: np.ndarray | None = None, seed: int = 0, mesh: Mesh | None = None, progress: bool = True,
+              plot: bool = True) -> SweepSearch:
+    """`l1_sweep` over ``grid`` in ``out_dir``, then, while no point is inside ``l0_range``, up to ``rounds``
+    more sweeps of as many coefficients (`next_grid`) in ``out_dir/round<r>``. Every round is its own resumable
+    job, and each round's grid follows from the points before it, so a rerun retraces (and skips) the same
+    rounds."""
+    out_dir = pathlib.Path(out_dir)
+    points = list(l1_sweep(x, grid, sae_cfg, train_cfg, out_dir, held_out=held_out, seed=seed, mesh=mesh,
+                           progress=progress, plot=plot))
+    done = 1
+    while not any(_inside(p, l0_range) for p in points) and done <= rounds:
+        more = next_grid(points, l0_range, len(grid))
+        if not more:
+            break
+        points += l1_sweep(x, more, sae_cfg, train_cfg, out_dir / f"round{done}", held_out=held_out, seed=seed,
+                           mesh=mesh, progress=progress, plot=plot)
+        done += 1
+    points.sort(key=lambda p: p.l1_coeff)
+    on_target = any(_inside(p, l0_range) for p in points)
+    return SweepSearch(tuple(points), pick_l1(points, l0_range), on_target, done, tuple(l0_range),
+                       () if on_target else next_grid(points, l0_range, len(grid)))
 
 
 def pick_l1(points: Sequence[SweepPoint], l0_range: tuple[float, float] = (20.0, 50.0)) -> SweepPoint:

@@ -1,13 +1,15 @@
 """Train many SAEs in one jitted step: the SAE axis is vmapped and sharded over the mesh's ``model`` axis,
 the token batch over its ``data`` axis.
 
-A job is (source, `SAEConfig`, `SAETrainConfig`, one L1 coefficient and one seed per SAE). The SAE axis is
-whatever the source stacks: adapters x layers x L1 coefficients x seeds flattened. Per SAE, the RMS scale
+A job is (source, `SAEConfig`, `SAETrainConfig`, one L1 coefficient (0 for architectures without an L1
+penalty) and one seed per SAE). The SAE axis is whatever the source stacks: adapters x layers x L1
+coefficients x seeds flattened. Per SAE, the RMS scale
 ``s = sqrt(mean_t ||x_t||^2 / d)`` (1 with ``normalize: none``) and b_dec are estimated from the first
 ``scale_batches`` batches of its own stream, then fixed. Output directory::
 
     out_dir/checkpoints/   orbax steps (state + JSON meta with the config hash)
-    out_dir/metrics.csv    one row per (logged step, SAE); metrics.png the curves
+    out_dir/metrics.csv    one row per (logged step, SAE); metrics.png the curves; the rows of the last step
+                           are the job's final metrics (also when a rerun finds the job already finished)
     out_dir/saes/<name>/   each trained SAE in our format (`_formats.save_sae`)
 """
 
@@ -31,16 +33,24 @@ from lgeo_jax.config import to_plain
 from lgeo_jax.files import atomic_directory, json_hash
 from lgeo_jax.sae._config import Arch, BDecInit, Normalize, SAEConfig, SAETrainConfig
 from lgeo_jax.sae._formats import save_sae
-from lgeo_jax.sae._log import MetricsCSV, plot_metrics
+from lgeo_jax.sae._log import MetricsCSV, plot_metrics, read_metrics
 from lgeo_jax.sae._models import SAE, init_params
 from lgeo_jax.sae._source import Batch, BatchSource
-from lgeo_jax.sae._step import SAEState, geometric_median, held_out_metrics, make_optimizer, train_step
+from lgeo_jax.sae._step import (
+    SAEState,
+    geometric_median,
+    held_out_metrics,
+    make_optimizer,
+    resample_dead,
+    train_step,
+)
 from lgeo_jax.sharding import DEFAULT_RULES, make_mesh
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-    """Trained SAEs (in source order), the last logged metrics per SAE, and where everything was written."""
+    """Trained SAEs (in source order), the metrics logged at the last step per SAE (read back from
+    ``metrics.csv``), and where everything was written."""
 
     saes: tuple[SAE, ...]
     final_metrics: tuple[dict, ...]
@@ -80,20 +90,23 @@ def _shardings(tree, mesh: Mesh):
     return jax.tree.map(one, tree)
 
 
-def _validate(source: BatchSource, sae_cfg: SAEConfig, l1_coeffs: Sequence[float], seeds: Sequence[int]) -> None:
+def _validate(source: BatchSource, sae_cfg: SAEConfig, train_cfg: SAETrainConfig, l1_coeffs: Sequence[float],
+              seeds: Sequence[int]) -> None:
     n = len(source.names)
-    if sae_cfg.architecture is Arch.JUMPRELU:
-        raise ValueError("JumpReLU SAEs are loaded and run here, not trained; train architecture 'relu' or 'topk'")
+    if (train_cfg.architecture, train_cfg.k) != (sae_cfg.architecture, sae_cfg.k):
+        raise ValueError(f"SAETrainConfig is for architecture '{train_cfg.architecture.value}' (k={train_cfg.k}), "
+                         f"the SAEConfig '{sae_cfg.architecture.value}' (k={sae_cfg.k}); build both for the same "
+                         "architecture (SAETrainConfig.sae_config does)")
     if source.d_in != sae_cfg.d_in:
         raise ValueError(f"SAEConfig.d_in={sae_cfg.d_in} does not match the data's d={source.d_in}")
     if len(l1_coeffs) != n or len(seeds) != n:
         raise ValueError(f"need one L1 coefficient and one seed per SAE: {n} SAEs ({source.names}), got "
                          f"{len(l1_coeffs)} coefficients and {len(seeds)} seeds")
-    bad = [(name, c) for name, c in zip(source.names, l1_coeffs, strict=True)
-           if (c <= 0 if sae_cfg.architecture is Arch.RELU else c != 0)]
+    relu = sae_cfg.architecture is Arch.RELU
+    bad = [(name, c) for name, c in zip(source.names, l1_coeffs, strict=True) if (c <= 0 if relu else c != 0)]
     if bad:
-        relu = sae_cfg.architecture is Arch.RELU
-        rule = "must be > 0 for a ReLU SAE" if relu else "must be 0 for TopK (k sets sparsity)"
+        rule = "must be > 0 for a ReLU SAE" if relu else (
+            f"must be 0 for architecture '{sae_cfg.architecture.value}' (it has no L1 penalty)")
         raise ValueError(f"L1 coefficient {rule}; got {bad}")
     if len(set(source.names)) != n:
         raise ValueError(f"SAE names must be unique (they name output folders): {source.names}")
@@ -124,9 +137,17 @@ def _init_state(source: BatchSource, sae_cfg: SAEConfig, train_cfg: SAETrainConf
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     params = jax.vmap(lambda k: init_params(k, sae_cfg))(keys)
     params["b_dec"] = b_dec
+    if sae_cfg.architecture is Arch.JUMPRELU:
+        params["threshold"] = jnp.full_like(params["threshold"], train_cfg.jumprelu_init_threshold)
     return SAEState(params=params, opt_state=jax.vmap(optimizer.init)(params),
                     steps_since_fired=jnp.zeros((len(seeds), sae_cfg.d_sae), jnp.int32),
                     scale=jnp.asarray(scale, jnp.float32))
+
+
+def initial_decoder(sae_cfg: SAEConfig, seed: int) -> np.ndarray:
+    """The decoder ``[F, D]`` an SAE of this job with init seed ``seed`` starts from (training-health's reference:
+    how far each row moved)."""
+    return np.asarray(init_params(jax.random.key(seed), sae_cfg)["W_dec"])
 
 
 def job_hash(source: BatchSource, sae_cfg: SAEConfig, train_cfg: SAETrainConfig, l1_coeffs, seeds) -> str:
@@ -141,20 +162,23 @@ def train_saes(source: BatchSource, sae_cfg: SAEConfig, train_cfg: SAETrainConfi
                progress: bool = True, stop_after: int | None = None, plot: bool = True) -> TrainResult:
     """Train one SAE per source stream, all in one vmapped, sharded step; resumes from ``out_dir`` if present.
 
-    Loss (per SAE, in SAE units x / s): squared error summed over d and averaged over tokens, plus
-    ``l1 * mean_tokens sum_i f_i`` with decoder rows renormalised to unit norm after each step (or weighted
-    by ``||W_dec_i||`` with `sparsity: decoder_norm`); TopK: the squared error alone. See `_step`.
+    Loss per architecture as in `_losses` (ReLU: squared error summed over d and averaged over tokens plus
+    ``l1 * mean_tokens sum_i f_i``; TopK / BatchTopK: plus AuxK; JumpReLU: plus the L0 penalty), unit-norm
+    decoder rows unless ``sparsity: decoder_norm``. ``l1_coeffs`` are the ReLU L1 coefficients (0 for the
+    other architectures); ``seeds`` seed each SAE's initialisation (and its dead-latent resampling).
     Resuming with any change to the configs, coefficients, seeds or source identity raises `ValueError`.
     ``stop_after`` ends this run at that global step (checkpointed), e.g. to fit a job into time slices;
     the SAEs written then are the partial ones, and calling again continues exactly. ``plot=False`` skips
     ``metrics.png`` (about a second of matplotlib; `plot_metrics` draws it later from the CSV).
     """
-    _validate(source, sae_cfg, l1_coeffs, seeds)
+    _validate(source, sae_cfg, train_cfg, l1_coeffs, seeds)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mesh = default_mesh(len(source.names)) if mesh is None else mesh
     total = train_cfg.total_steps(source.n_rows)
-    optimizer, abstract, state_sh, step_fn, eval_fn = _compiled(sae_cfg, train_cfg, total, mesh, len(seeds))
+    dead_steps = train_cfg.dead_window_steps(total)
+    optimizer, abstract, state_sh, step_fn, eval_fn, resample_fn = _compiled(sae_cfg, train_cfg, total, mesh,
+                                                                             len(seeds))
     chash = job_hash(source, sae_cfg, train_cfg, l1_coeffs, seeds)
     manager = ocp.CheckpointManager(out_dir.resolve() / "checkpoints", options=ocp.CheckpointManagerOptions(
         max_to_keep=train_cfg.keep_checkpoints, create=True))
@@ -172,15 +196,15 @@ def train_saes(source: BatchSource, sae_cfg: SAEConfig, train_cfg: SAETrainConfi
         state = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
     x_sh = DEFAULT_RULES.sharding(("sae", "batch", None), mesh, (len(seeds), train_cfg.batch_size, sae_cfg.d_in))
-    l1 = jax.device_put(jnp.asarray(l1_coeffs, jnp.float32), _shardings(jnp.zeros(len(seeds)), mesh))
+    per_sae = _shardings(jnp.zeros(len(seeds)), mesh)
+    l1 = jax.device_put(jnp.asarray(l1_coeffs, jnp.float32), per_sae)
+    seed_arr = jax.device_put(jnp.asarray(seeds, jnp.uint32), per_sae)
     held = None
     if train_cfg.eval_rows > 0:
         held = source.held_out(train_cfg.eval_rows)  # [S, N, D]
         held = jax.device_put(held, DEFAULT_RULES.sharding(("sae", None, None), mesh, held.shape))
 
     log = MetricsCSV(out_dir / "metrics.csv", resume_step=start if start else None)
-    dead_steps = max(1, -(-train_cfg.dead_window_tokens // train_cfg.batch_size))
-    last: list[dict] = [{} for _ in source.names]
     bar = tqdm.tqdm(total=total * train_cfg.batch_size * len(seeds), initial=start * train_cfg.batch_size * len(seeds),
                     unit="tok", unit_scale=True, disable=not progress, desc=f"{len(seeds)} SAEs")
     t0, tokens0 = time.perf_counter(), 0
@@ -189,20 +213,23 @@ def train_saes(source: BatchSource, sae_cfg: SAEConfig, train_cfg: SAETrainConfi
     for step in range(start, end):
         batch = source.batch(step, train_cfg.batch_size)
         check_batch(batch, source.names, source.d_in, step)
-        state, metrics = step_fn(state, jax.device_put(batch.x, x_sh), l1, jnp.asarray(step, jnp.int32))
+        x = jax.device_put(batch.x, x_sh)
+        state, metrics = step_fn(state, x, l1, jnp.asarray(step, jnp.int32))
+        done = step + 1
+        # ReLU resampling: at every dead window through the first half of the run (latents revived later would
+        # have too little training left to become features)
+        if train_cfg.resample_dead and done % dead_steps == 0 and done <= total // 2:
+            state = resample_fn(state, x, seed_arr, jnp.asarray(done, jnp.int32))
         bar.update(train_cfg.batch_size * len(seeds))
         tokens0 += train_cfg.batch_size * len(seeds)
-        done = step + 1
         if done % train_cfg.log_every == 0 or done % train_cfg.eval_every == 0 or done == end:
             host = jax.device_get(metrics)
             host["dead_frac"] = np.mean(np.asarray(state.steps_since_fired) >= dead_steps, axis=-1)
             if held is not None and (done % train_cfg.eval_every == 0 or done == end):
                 host.update(jax.device_get(eval_fn(state.params, state.scale, held)))
             rate = tokens0 / (time.perf_counter() - t0)
-            rows = [{"step": done, "sae": i, "name": name, "l1_coeff": float(l1_coeffs[i]), "tokens_per_s": rate,
-                     **{k: float(v[i]) for k, v in host.items()}} for i, name in enumerate(source.names)]
-            log.append(rows)
-            last = rows
+            log.append([{"step": done, "sae": i, "name": name, "l1_coeff": float(l1_coeffs[i]), "tokens_per_s": rate,
+                         **{k: float(v[i]) for k, v in host.items()}} for i, name in enumerate(source.names)])
         if done % train_cfg.checkpoint_every == 0 or done == end:
             manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        meta=ocp.args.JsonSave({"config_hash": chash, "step": done})))
@@ -220,20 +247,40 @@ def train_saes(source: BatchSource, sae_cfg: SAEConfig, train_cfg: SAETrainConfi
             save_sae(tmp, sae, {"name": name, "l1_coeff": float(l1_coeffs[i]), "seed": int(seeds[i]), "steps": done,
                                 "config_hash": chash})
         saes.append(sae)
-    return TrainResult(tuple(saes), tuple(last), out_dir)
+    return TrainResult(tuple(saes), _metrics_at(out_dir, done, source.names), out_dir)
+
+
+def _metrics_at(out_dir: pathlib.Path, step: int, names: Sequence[str]) -> tuple[dict, ...]:
+    """Each SAE's logged row at ``step``, from ``metrics.csv``: the same whether this call trained up to it or
+    found it already checkpointed (a rerun after a kill late in a job, or of a finished job)."""
+    rows = {r["name"]: r for r in read_metrics(out_dir / "metrics.csv") if r["step"] == step}
+    missing = [n for n in names if n not in rows]
+    if missing:
+        raise ValueError(f"{out_dir / 'metrics.csv'}: no metrics logged at step {step} for SAEs {missing}, although "
+                         f"the checkpoint is at that step; delete {out_dir} to retrain this job")
+    return tuple(rows[n] for n in names)
 
 
 @functools.lru_cache(maxsize=16)
 def _compiled(sae_cfg: SAEConfig, train_cfg: SAETrainConfig, total: int, mesh: Mesh, n_sae: int):
-    """Optimizer, state shapes/shardings and jitted step/eval for a job shape; cached so that repeated jobs
-    of one shape (sweeps, one-at-a-time comparisons) trace and compile once."""
+    """Optimizer, state shapes/shardings and jitted step / eval / resample for a job shape; cached so that
+    repeated jobs of one shape (sweeps, one-at-a-time comparisons) trace and compile once."""
     optimizer = make_optimizer(train_cfg, total)
+    dead_steps = train_cfg.dead_window_steps(total)
     abstract = jax.eval_shape(lambda: _init_state_shapes(n_sae, sae_cfg, optimizer))
     state_sh = _shardings(abstract, mesh)
-    step_fn = jax.jit(functools.partial(_multi_step, sae_cfg=sae_cfg, train_cfg=train_cfg, optimizer=optimizer),
+    step_fn = jax.jit(functools.partial(_multi_step, sae_cfg=sae_cfg, train_cfg=train_cfg, optimizer=optimizer,
+                                        dead_steps=dead_steps),
                       out_shardings=(state_sh, None), donate_argnums=0)
     eval_fn = jax.jit(jax.vmap(functools.partial(held_out_metrics, cfg=sae_cfg)))
-    return optimizer, abstract, state_sh, step_fn, eval_fn
+
+    def resample(state, x, seeds, step):
+        keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds)
+        one = functools.partial(resample_dead, sae_cfg=sae_cfg, dead_steps=dead_steps)
+        return jax.vmap(one)(state, x, keys)
+
+    resample_fn = jax.jit(resample, out_shardings=state_sh, donate_argnums=0)
+    return optimizer, abstract, state_sh, step_fn, eval_fn, resample_fn
 
 
 def _init_state_shapes(n: int, sae_cfg: SAEConfig, optimizer) -> SAEState:
@@ -243,7 +290,17 @@ def _init_state_shapes(n: int, sae_cfg: SAEConfig, optimizer) -> SAEState:
                     jnp.ones(n, jnp.float32))
 
 
-def _multi_step(state: SAEState, x, l1, step, sae_cfg, train_cfg, optimizer):
-    """`train_step` vmapped over the SAE axis (x [S, B, D], l1 [S]; the step number is shared)."""
-    one = functools.partial(train_step, sae_cfg=sae_cfg, train_cfg=train_cfg, optimizer=optimizer)
-    return jax.vmap(one, in_axes=(0, 0, 0, None))(state, x, l1, step)
+def _multi_step(state: SAEState, x, l1, step, sae_cfg, train_cfg, optimizer, dead_steps):
+    """`train_step` vmapped over the SAE axis (x [S, B, D], l1 [S]; the step number is shared). TopK / BatchTopK
+    skip the AuxK pass while no SAE of the job has a dead latent (its term is exactly 0 then, as SAELens skips
+    it); the branch is taken outside the vmap, where a cond still chooses instead of computing both."""
+
+    def run(with_auxk: bool):
+        one = functools.partial(train_step, sae_cfg=sae_cfg, train_cfg=train_cfg, optimizer=optimizer,
+                                dead_steps=dead_steps, with_auxk=with_auxk)
+        return lambda *args: jax.vmap(one, in_axes=(0, 0, 0, None))(*args)
+
+    if not sae_cfg.architecture.uses_k:
+        return run(True)(state, x, l1, step)
+    any_dead = jnp.any(state.steps_since_fired >= dead_steps)
+    return jax.lax.cond(any_dead, run(True), run(False), state, x, l1, step)

@@ -15,6 +15,7 @@ from lgeo_jax.stages._layout import (
     base_sae_dir,
     corpus_store,
     delta_sae_dir,
+    health_path,
     layer_arrays_path,
     load_records,
     load_tokenizer,
@@ -25,6 +26,7 @@ from lgeo_jax.stages._layout import (
 from lgeo_jax.stages._manifest import (
     MANIFEST_NAME,
     Manifest,
+    RollbackError,
     Run,
     StageCheck,
     StageRun,
@@ -42,12 +44,12 @@ from lgeo_jax.stages._pipeline import (
     run_stages,
     upstream_of,
 )
-from lgeo_jax.stages._plan import plan_text
+from lgeo_jax.stages._plan import ResourceError, StageNeeds, check_resources, plan_text, stage_needs
 
 __all__ = [
-    "CONFIG_FILE", "MANIFEST_NAME", "PIPELINE", "STAGE_NAMES", "Manifest", "Run", "Stage", "StageCheck",
-    "StageOutcome", "StageRun", "StageSpec", "StageState", "Status", "adapter_dirs", "base_checkpoint",
-    "base_sae_dir", "corpus_size_bytes", "corpus_store", "delta_sae_dir", "layer_arrays_path",
-    "load_records", "load_tokenizer", "open_run", "plan_text", "records_path", "results_path", "run_stages",
-    "sweep_path", "upstream_of",
+    "CONFIG_FILE", "MANIFEST_NAME", "Manifest", "PIPELINE", "ResourceError", "RollbackError", "Run", "STAGE_NAMES",
+    "Stage", "StageCheck", "StageNeeds", "StageOutcome", "StageRun", "StageSpec", "StageState", "Status",
+    "adapter_dirs", "base_checkpoint", "base_sae_dir", "check_resources", "corpus_size_bytes", "corpus_store",
+    "delta_sae_dir", "health_path", "layer_arrays_path", "load_records", "load_tokenizer", "open_run", "plan_text",
+    "records_path", "results_path", "run_stages", "stage_needs", "sweep_path", "upstream_of",
 ]

@@ -9,6 +9,7 @@
   saes/job/saes/base_L{L}_s{seed}/  SAE on h_base at layer L (base-base baseline; with the first seed, the reference
                                     dictionary of every layer the config gives none for)
   saes/sweep.json                   the L1 sweep (Table 12): {"adapter", "layer", "selected_l1", "points": [...]}
+  saes/health.json                  every trained SAE's training health (`lgeo_jax.sae.sae_health`) + warnings
   analysis/results.json             every table; analysis/layers/L{L}.{json,npz} one unit per layer
   report/                           report.md, figures.csv / figures.json, plots
 """
@@ -81,6 +82,10 @@ def base_sae_dir(run: Run, layer: int, seed: int) -> Path:
 
 def sweep_path(run: Run) -> Path:
     return run.stage_dir("saes") / "sweep.json"
+
+
+def health_path(run: Run) -> Path:
+    return run.stage_dir("saes") / "health.json"
 
 
 def results_path(run: Run) -> Path:

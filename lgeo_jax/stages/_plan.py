@@ -1,9 +1,16 @@
-"""`lgeo plan`: what a config will cost before anything runs (shapes by `jax.eval_shape` only)."""
+"""`lgeo plan`: what a config will cost before anything runs (shapes by `jax.eval_shape` only), and the check
+`lgeo run` makes with the same figures before any stage starts: each stage's device memory, host memory and
+disk against what this machine has (`check_resources`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+import shutil
+from collections.abc import Iterable
 
+import jax
 import jax.numpy as jnp
 
 from lgeo_jax.config import is_placeholder
@@ -11,6 +18,7 @@ from lgeo_jax.lora import target_dims
 from lgeo_jax.model import Gemma2Config, abstract_model, count_params
 from lgeo_jax.sae import estimate_sae_memory
 from lgeo_jax.stages._corpus import corpus_size_bytes
+from lgeo_jax.stages._saes import trains_base_saes
 from lgeo_jax.study import StudyConfig
 
 _PRESETS = {(c.n_layers, c.d_model): (name, c) for name, c in (
@@ -64,18 +72,23 @@ def plan_text(config: StudyConfig) -> str:
                      f"= {100 * n / total:.4f}% (3 d.p.: {100 * n / total:.3f}%)")
     lines.append("  Note: the paper's Table 2 percentages (0.048/0.097/0.193/0.387) round inconsistently in the "
                  "last digit (r16 is 0.1936%, printed 0.193); we print the exact values.")
-    lines += ["", *_corpus_lines(config, cfg), "", *_sae_lines(config, cfg)]
+    lines += ["", *_corpus_lines(config, cfg), "", *_sae_lines(config, cfg), "", *_resource_lines(config)]
     return "\n".join(lines)
+
+
+def planned_tokens(config: StudyConfig) -> tuple[int, str]:
+    """Token vectors the corpus will hold (all extracted splits), and how that figure was arrived at."""
+    ex = config.extract
+    if ex.token_budget:
+        return ex.token_budget, "extract.token_budget"
+    records = sum(getattr(config.data, s)[1] - getattr(config.data, s)[0] for s in ex.splits)
+    per_record = _TOKENS_PER_RECORD_SYNTHETIC if config.data.is_synthetic else _TOKENS_PER_RECORD_ALPACA
+    return records * per_record, f"estimate: {records:,} records x ~{per_record} tokens"
 
 
 def _corpus_lines(config: StudyConfig, cfg: Gemma2Config) -> list[str]:
     ex = config.extract
-    if ex.token_budget:
-        tokens, how = ex.token_budget, "extract.token_budget"
-    else:
-        records = sum(getattr(config.data, s)[1] - getattr(config.data, s)[0] for s in ex.splits)
-        per_record = _TOKENS_PER_RECORD_SYNTHETIC if config.data.is_synthetic else _TOKENS_PER_RECORD_ALPACA
-        tokens, how = records * per_record, f"estimate: {records:,} records x ~{per_record} tokens"
+    tokens, how = planned_tokens(config)
     per_array = tokens * cfg.d_model * jnp.dtype(ex.store_dtype.value).itemsize
     n_arrays = len(ex.layers) * (1 + len(config.lora.ranks))
     return [f"Corpus ({ex.store_dtype.value}, {tokens:,} token vectors; {how}):",
@@ -88,7 +101,7 @@ def _sae_lines(config: StudyConfig, cfg: Gemma2Config) -> list[str]:
     s = config.sae
     width = s.resolved_width(cfg.d_model)
     n_delta = len(config.lora.ranks) * len(config.extract.layers) * len(s.seeds)
-    n_base = len(config.extract.layers) * len(s.seeds) if s.base_saes else 0
+    n_base = len(config.extract.layers) * len(s.seeds) if trains_base_saes(config) else 0
     lines = [f"SAEs: {n_delta} delta + {n_base} base SAEs of {cfg.d_model} -> {width} ({s.architecture.value}), "
              f"batch {s.batch_size}, float32 with Adam, trained in one job:"]
     for devices in (1, 8):
@@ -98,5 +111,223 @@ def _sae_lines(config: StudyConfig, cfg: Gemma2Config) -> list[str]:
     return lines
 
 
+def _resource_lines(config: StudyConfig) -> list[str]:
+    """Each stage's needs on one device, and this machine's host memory and disk (devices are not opened: a
+    running study may hold them)."""
+    lines = ["Per stage on 1 device (lower bounds; `lgeo run` checks them against this machine's devices before "
+             "starting):"]
+    for n in stage_needs(config, 1).values():
+        if n.device or n.host or n.disk:
+            lines.append(f"  {n.stage:<9} device {_gib(n.device):>14}, host {_gib(n.host):>14}, "
+                         f"disk {_gib(n.disk):>14}")
+    machine = this_machine(config, devices=False)
+    have = lambda v: "unknown" if v is None else _gib(v)
+    lines.append(f"This machine: host {have(machine.host)}, {have(machine.disk)} free at {machine.disk_path}")
+    return lines
+
+
 def _gb(n_bytes: float) -> str:
     return f"{n_bytes / 1e9:,.2f} GB"
+
+
+# ---- resources: what each stage needs, what this machine has -------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StageNeeds:
+    """A stage's peak memory per device and on the host, and the disk its outputs take (bytes), with the
+    biggest part of each named (for messages). Lower bounds: activations beyond the named parts are extra."""
+
+    stage: str
+    device: int = 0
+    host: int = 0
+    disk: int = 0
+    device_what: str = ""
+    host_what: str = ""
+    disk_what: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """What this machine offers (bytes; None: unknown, not checked), detected or from `resources`."""
+
+    n_devices: int
+    device: int | None
+    host: int | None
+    disk: int | None
+    disk_path: str
+
+
+class ResourceError(ValueError):
+    """A run the machine cannot hold; the message gives each figure and what would fit."""
+
+
+def stage_needs(config: StudyConfig, n_devices: int) -> dict[str, StageNeeds]:
+    """Each stage's needs on a machine of `n_devices` devices, from the planned shapes alone (no weights read;
+    `jax.eval_shape` for the model). The model is on one device (the stages load it unsharded); the SAE jobs
+    are spread as `lgeo_jax.sae.default_mesh` spreads them."""
+    cfg, _ = planned_model_config(config)
+    dtype = jnp.dtype(config.model.param_dtype or "bfloat16")
+    weights = count_params(abstract_model(cfg, param_dtype=dtype)) * dtype.itemsize
+    f32 = 4
+    needs = {"data": StageNeeds("data")}
+    if config.model.is_builtin:  # pretrained here: float32 parameters, gradients and two Adam moments
+        needs["base"] = StageNeeds("base", device=weights // dtype.itemsize * f32 * 4, disk=weights,
+                                   device_what="the built-in model's pretraining state", disk_what="the model")
+    else:
+        needs["base"] = StageNeeds("base")
+    dims = target_dims(cfg)
+    lora = sum(spec.trainable_params(cfg.n_layers, dims) for spec in config.lora.adapter_specs())
+    needs["adapters"] = StageNeeds("adapters", device=weights + lora * f32 * 4, disk=lora * f32,
+                                   device_what="the base weights plus the LoRA parameters, gradients and Adam state",
+                                   disk_what="the adapters")
+    ex = config.extract
+    residuals = ((1 + len(config.lora.ranks)) * len(ex.layers) * ex.batch_size * config.data.max_length
+                 * cfg.d_model * f32 * 2)  # float32 residuals and their store-dtype copy
+    tokens, _ = planned_tokens(config)
+    remote = ex.store is not None and "://" in ex.store and not ex.store.startswith("file://")
+    needs["corpus"] = StageNeeds("corpus", device=weights + residuals, host=residuals,
+                                 disk=0 if remote else corpus_size_bytes(config, tokens, cfg.d_model),
+                                 device_what="the base weights plus one batch of residuals",
+                                 host_what="one batch of residuals", disk_what=f"the corpus ({tokens:,} tokens)")
+    needs["saes"] = _sae_needs(config, cfg.d_model, config.sae.resolved_width(cfg.d_model), n_devices)
+    needs["analysis"] = _analysis_needs(config, cfg.d_model, config.sae.resolved_width(cfg.d_model))
+    needs["report"] = StageNeeds("report")
+    return needs
+
+
+def _sae_counts(config: StudyConfig) -> tuple[int, int]:
+    """(SAEs in the main job, SAEs in the L1 sweep job)."""
+    layers, seeds = len(config.extract.layers), len(config.sae.seeds)
+    n = len(config.lora.ranks) * layers * seeds + (layers * seeds if trains_base_saes(config) else 0)
+    return n, len(config.sae.l1_sweep)
+
+
+def _sae_bytes(d_model: int, width: int, config: StudyConfig) -> int:
+    """float32 parameters of one SAE."""
+    return estimate_sae_memory(d_model, width, 1, 1, {}, arch=config.sae.architecture).params
+
+
+def _sae_mesh(n_sae: int, n_devices: int) -> dict[str, int]:
+    """The mesh shape `lgeo_jax.sae.default_mesh(n_sae)` makes on `n_devices` devices, without opening them."""
+    model = math.gcd(n_sae, n_devices)
+    return {"model": model, "data": n_devices // model}
+
+
+def _sae_needs(config: StudyConfig, d_model: int, width: int, n_devices: int) -> StageNeeds:
+    s = config.sae
+    n, n_sweep = _sae_counts(config)
+    device = max(estimate_sae_memory(d_model, width, k, s.batch_size, _sae_mesh(k, n_devices),
+                                     arch=s.architecture).total for k in (n, n_sweep) if k)
+    one = _sae_bytes(d_model, width, config)
+    # saved SAEs plus `keep_checkpoints` training states (parameters and two Adam moments), both jobs
+    disk = (n + n_sweep) * one * (1 + 3 * s.keep_checkpoints)
+    return StageNeeds("saes", device=device, host=max(n, n_sweep) * one, disk=disk,
+                      device_what=f"training {n} SAEs of width {width:,} in one job (parameters, gradients, Adam, "
+                                  "activations)",
+                      host_what=f"the trained weights of {max(n, n_sweep)} SAEs of width {width:,}",
+                      disk_what=f"{n + n_sweep} SAEs of width {width:,} and their checkpoints")
+
+
+def _analysis_needs(config: StudyConfig, d_model: int, width: int) -> StageNeeds:
+    seeds = len(config.sae.seeds)
+    per_layer = 1 + len(config.lora.ranks) * seeds + (seeds if trains_base_saes(config) else 0)
+    loaded = per_layer * _sae_bytes(d_model, width, config)
+    what = f"{per_layer} SAEs of width {width:,} (one layer's)"
+    return StageNeeds("analysis", device=loaded, host=loaded, device_what=what, host_what=what)
+
+
+def this_machine(config: StudyConfig, *, devices: bool = True) -> Machine:
+    """Device memory (per device; CPU devices share the host's), host memory (the cgroup limit if lower) and
+    free disk where the run writes; each from `config.resources` where set. `devices=False` leaves the
+    accelerators unopened (device fields unknown)."""
+    r = config.resources
+    host = _gib_bytes(r.host_memory_gib) or _physical_memory()
+    where = _existing_ancestor(config.run_dir)
+    disk = _gib_bytes(r.disk_gib) or shutil.disk_usage(where).free
+    if not devices:
+        return Machine(0, None, host, disk, where)
+    local = jax.local_devices()
+    stats = local[0].memory_stats() if local[0].platform != "cpu" else None
+    cpu_share = host // len(local) if host is not None and local[0].platform == "cpu" else None  # one RAM
+    device = _gib_bytes(r.device_memory_gib) or (stats or {}).get("bytes_limit") or cpu_share
+    return Machine(len(local), device, host, disk, where)
+
+
+def check_resources(config: StudyConfig, stages: Iterable[str]) -> None:
+    """Refuses, before anything is loaded, a run whose `stages` cannot fit this machine: the largest device
+    and host need of any of them, and the disk all their outputs take together, against `this_machine`."""
+    stages = list(stages)
+    if not config.resources.check or not stages:
+        return
+    machine = this_machine(config)
+    all_needs = stage_needs(config, machine.n_devices)
+    needs = [all_needs[s] for s in stages if s in all_needs]
+    if not needs:
+        return
+    problems = []
+    for kind, capacity, where in (("device", machine.device, f"per device ({machine.n_devices} device(s))"),
+                                  ("host", machine.host, "of host memory")):
+        peak = max(needs, key=lambda n, kind=kind: getattr(n, kind))
+        if capacity is not None and getattr(peak, kind) > capacity:
+            problems.append(f"stage {peak.stage} needs at least {_gib(getattr(peak, kind))} {where} for "
+                            f"{getattr(peak, kind + '_what')}, but this machine has {_gib(capacity)}"
+                            + _what_fits(config, peak.stage, kind, capacity, machine.n_devices))
+    disk = sum(n.disk for n in needs)
+    if machine.disk is not None and disk > machine.disk:
+        biggest = max(needs, key=lambda n: n.disk)
+        problems.append(f"stages {', '.join(n.stage for n in needs if n.disk)} write {_gib(disk)} (most: "
+                        f"{biggest.disk_what}, {_gib(biggest.disk)}) but {machine.disk_path} has {_gib(machine.disk)} "
+                        "free" + _what_fits(config, biggest.stage, "disk", machine.disk - (disk - biggest.disk),
+                                            machine.n_devices))
+    if problems:
+        raise ResourceError("this run does not fit this machine: " + "; ".join(problems) + ". Nothing was "
+                            "started. Set resources.check=false to try anyway (or resources.device_memory_gib / "
+                            "host_memory_gib / disk_gib where the detected sizes are wrong)")
+
+
+def _what_fits(config: StudyConfig, stage: str, kind: str, capacity: int, n_devices: int) -> str:
+    """A hint at a setting that would fit `capacity`: the largest SAE width for the SAE stages (their needs are
+    linear in the width), the largest token budget for the corpus disk."""
+    if capacity <= 0:
+        return ""
+    cfg, _ = planned_model_config(config)
+    if stage in ("saes", "analysis"):
+        need = (lambda w: getattr(_sae_needs(config, cfg.d_model, w, n_devices), kind)) if stage == "saes" else (
+            lambda w: getattr(_analysis_needs(config, cfg.d_model, w), kind))
+        slope = need(2) - need(1)
+        width = (capacity - (need(1) - slope)) // slope if slope > 0 else 0
+        return (f"; an SAE width of at most {width:,} would fit (or fewer SAEs, a smaller sae.batch_size)" if width > 0
+                else "; no SAE width fits with these SAE counts")
+    if stage == "corpus" and kind == "disk":
+        tokens, _ = planned_tokens(config)
+        per_token = corpus_size_bytes(config, tokens, cfg.d_model) / max(tokens, 1)
+        return (f"; an extract.token_budget of at most {int(capacity // per_token):,} would fit, or point "
+                "extract.store at a larger disk")
+    return ""
+
+
+def _gib_bytes(gib: float | None) -> int | None:
+    return None if gib is None else int(gib * 2**30)
+
+
+def _physical_memory() -> int | None:
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+    try:  # a container's limit (cgroup v2), when it is below the machine's
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def _existing_ancestor(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path

@@ -22,7 +22,8 @@ token) gives NaN bounds for that element: its interval is not known, and none is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -43,6 +44,47 @@ def _check_args(n_units: int, n_boot: int, level: float, where: str) -> None:
 def _chunk_sizes(n_boot: int, bytes_per_resample: int, chunk_bytes: int) -> list[int]:
     per_chunk = max(1, min(n_boot, chunk_bytes // max(bytes_per_resample, 1)))
     return [min(per_chunk, n_boot - start) for start in range(0, n_boot, per_chunk)]
+
+
+def resample_counts(n_units: int, n_boot: int, *, seed: int = 0, bytes_per_resample: int = 0,
+                    chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+    """The resampling scheme of this module, chunk by chunk: count matrices [b, n_units] (int64) whose row r says
+    how often resample r drew each unit; the chunks' b sum to `n_boot`.
+
+    `bootstrap`, `bootstrap_items` and any statistic computed elsewhere from these counts (the analysis'
+    prompt-bootstrap CKA, the latent bootstrap of a subspace) draw the same resamples for the same
+    (seed, n_units), so their intervals are paired. `bytes_per_resample` sizes the chunks.
+    """
+    rng = np.random.default_rng(seed)
+    for b in _chunk_sizes(n_boot, bytes_per_resample + 16 * n_units, chunk_bytes):
+        draws = rng.integers(0, n_units, size=(b, n_units))  # [b, n]
+        offsets = np.arange(b, dtype=np.int64)[:, None] * n_units  # [b, 1]: resample r counts in row r
+        yield np.bincount((draws + offsets).ravel(), minlength=b * n_units).reshape(b, n_units)  # [b, n]
+
+
+def interval_from_samples(point: np.ndarray, samples: np.ndarray, *, level: float, method: Method, n_units: int,
+                          keep_samples: bool = False, basic: bool = False) -> Interval:
+    """Percentile interval of bootstrap statistics `samples` [n_boot, *S] around `point` [*S] (the module's rule:
+    `50 -/+ 50 level` percentiles); NaN bounds where any resample was not finite.
+
+    `basic=True` gives the basic (reverse-percentile) interval [2 point - q_high, 2 point - q_low] instead, for a
+    statistic whose resamples are shifted from its point by a bias of the estimator itself (linear CKA: with
+    prompts drawn more than once a resample has fewer distinct tokens, and CKA is biased upward in small
+    samples). It corrects that bias to first order; the percentile interval inherits it twice. Its centre is
+    the bias-corrected value 2 point - mean(samples) (`bias_corrected`).
+    """
+    point, samples = np.asarray(point, np.float64), np.asarray(samples, np.float64)
+    interval = _percentile_interval(point, samples, level, method, n_units, keep_samples)
+    if not basic:
+        return interval
+    return dataclasses.replace(interval, low=2 * point - interval.high, high=2 * point - interval.low)
+
+
+def bias_corrected(point: np.ndarray, samples: np.ndarray) -> np.ndarray:
+    """2 point - mean(samples): the point value less the bootstrap estimate of its bias (NaN where undefined)."""
+    samples = np.asarray(samples, np.float64)
+    with np.errstate(invalid="ignore"):
+        return 2 * np.asarray(point, np.float64) - samples.mean(axis=0)
 
 
 def _percentile_interval(point: np.ndarray, samples: np.ndarray, level: float, method: Method, n_units: int,
@@ -95,12 +137,10 @@ def bootstrap(per_prompt: Mapping[str, np.ndarray], statistic: Callable[[Mapping
                 for name, part, shape in zip(names, parts, shapes, strict=True)}
 
     point = np.asarray(statistic(unflatten(flat.sum(axis=0))), np.float64)  # [*S]
-    rng = np.random.default_rng(seed)
     chunks = []
-    for b in _chunk_sizes(n_boot, 8 * (2 * p + flat.shape[1] + point.size), chunk_bytes):
-        draws = rng.integers(0, p, size=(b, p))  # [b, P]
-        offsets = np.arange(b, dtype=np.int64)[:, None] * p  # [b, 1]: resample r counts in row r
-        counts = np.bincount((draws + offsets).ravel(), minlength=b * p).reshape(b, p)  # [b, P]
+    for counts in resample_counts(p, n_boot, seed=seed, bytes_per_resample=8 * (flat.shape[1] + point.size),
+                                  chunk_bytes=chunk_bytes):
+        b = counts.shape[0]
         totals = counts.astype(np.float64) @ flat  # [b, K]
         if vectorized:
             chunks.append(_checked(statistic(unflatten(totals)), (b, *point.shape), "bootstrap: statistic",
@@ -135,3 +175,29 @@ def bootstrap_items(values: np.ndarray, statistic: Callable[..., np.ndarray] = n
         chunks.append(_checked(statistic(resampled, axis=1), (b, *point.shape), "bootstrap_items: statistic",
                                "it must reduce exactly the item axis it is given"))
     return _percentile_interval(point, np.concatenate(chunks), level, Method.ITEM_BOOTSTRAP, n, keep_samples)
+
+
+def bootstrap_groups(points: np.ndarray, samples: np.ndarray, *, seed: int = 0, level: float = 0.95,
+                     keep_samples: bool = False) -> Interval:
+    """Two-stage bootstrap of a mean over groups (SAE seeds, seed pairs), each with its own item bootstrap.
+
+    points: [G, *S] the statistic of each group on its full data; samples: [G, B, *S] each group's item-
+    bootstrap replicates (e.g. `bootstrap_items(..., keep_samples=True).samples`, all with B resamples).
+    The estimate is the mean over groups. Resample r draws G groups with replacement and, for each drawn
+    group, one of its replicates uniformly (an independent resample of its items); the replicate value is
+    their mean. So the interval carries both the between-group spread and each group's item noise. With one
+    group it is that group's own percentile interval of its replicates (method ITEM_BOOTSTRAP).
+    """
+    points, samples = np.asarray(points, np.float64), np.asarray(samples, np.float64)
+    if points.ndim == 0 or samples.shape[:1] != points.shape[:1] or samples.shape[2:] != points.shape[1:]:
+        raise ValueError(f"bootstrap_groups: points {points.shape} must be [G, *S] and samples {samples.shape} "
+                         "[G, B, *S]")
+    g, n_boot = samples.shape[:2]
+    if g == 1:
+        return _percentile_interval(points[0], samples[0], level, Method.ITEM_BOOTSTRAP, 1, keep_samples)
+    _check_args(g, n_boot, level, "bootstrap_groups")
+    rng = np.random.default_rng(seed)
+    groups = rng.integers(0, g, size=(n_boot, g))  # [B, G] drawn groups
+    replicates = rng.integers(0, n_boot, size=(n_boot, g))  # [B, G] one replicate of each drawn group
+    values = samples[groups, replicates].mean(axis=1)  # [B, *S]
+    return _percentile_interval(points.mean(axis=0), values, level, Method.GROUP_BOOTSTRAP, g, keep_samples)

@@ -19,8 +19,11 @@ class Method(enum.Enum):
     """How an interval was obtained."""
 
     PROMPT_BOOTSTRAP = "prompt_bootstrap"  # resampling prompts (clusters of tokens), percentile interval
+    BASIC_PROMPT_BOOTSTRAP = "basic_prompt_bootstrap"  # the same resamples, basic (reverse-percentile) interval
     ITEM_BOOTSTRAP = "item_bootstrap"  # resampling i.i.d. items (latents, seeds), percentile interval
+    GROUP_BOOTSTRAP = "group_bootstrap"  # resampling groups (seeds), then items within each drawn group
     MONTE_CARLO = "monte_carlo"  # percentiles of null draws
+    EXACT = "exact"  # a known value without uncertainty (e.g. a slope of 0 as the null of a trend)
 
 
 def _frozen(value: Any) -> np.ndarray:
@@ -70,6 +73,11 @@ class Interval:
         samples = None if self.samples is None else self.samples[(slice(None), *np.index_exp[index])]
         return dataclasses.replace(self, point=self.point[index], low=self.low[index], high=self.high[index],
                                    samples=samples)
+
+    @classmethod
+    def exact(cls, value: Any) -> Interval:
+        """A known value as a zero-width interval (a null with no uncertainty, e.g. "no trend" = 0)."""
+        return cls(point=value, low=value, high=value, level=0.95, method=Method.EXACT, n_draws=0, n_units=0)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict: floats (nested lists for array statistics), None for undefined values."""

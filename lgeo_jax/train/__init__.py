@@ -12,13 +12,13 @@ from lgeo_jax.train._lora_trainer import (
     train_lora,
 )
 from lgeo_jax.train._loss import next_token_loss, token_losses
-from lgeo_jax.train._optim import clip_per_adapter, lora_optimizer
+from lgeo_jax.train._optim import clip_per_adapter, init_on_mesh, lora_optimizer
 from lgeo_jax.train._pretrain import PretrainResult, pretrain_base
 from lgeo_jax.train._sequential import split_adapters, train_sequential
 
 __all__ = [
     "HeldoutEval", "NonFiniteLossError", "PretrainResult", "TrainCheckpoints", "TrainConfig", "TrainResult",
-    "clip_per_adapter", "evaluate_heldout", "loss_and_grads", "lora_optimizer", "next_token_loss", "plot_losses",
-    "pretrain_base", "split_adapters", "token_losses", "total_steps", "train_lora", "train_sequential",
+    "clip_per_adapter", "evaluate_heldout", "init_on_mesh", "loss_and_grads", "lora_optimizer", "next_token_loss",
+    "plot_losses", "pretrain_base", "split_adapters", "token_losses", "total_steps", "train_lora", "train_sequential",
     "write_loss_csv",
 ]

@@ -10,6 +10,8 @@ import numpy as np
 from lgeo_jax.data import Batch, BatchConfig, TokenizedExample
 from lgeo_jax.model import Gemma2Config
 
+TOKEN_FIELDS = ("input_ids", "attention_mask", "loss_mask")  # the arrays of a `Batch` that a step reads
+
 
 def check_examples(examples: Sequence[TokenizedExample], cfg: Gemma2Config, *, what: str) -> None:
     """Fails before any compute on inputs the model cannot train on, naming the example and what to do."""
@@ -45,4 +47,4 @@ def stack_micro(batches: Sequence[Batch]) -> dict[str, np.ndarray]:
     width = max(b.input_ids.shape[1] for b in batches)
     pad = lambda x: np.pad(x, ((0, 0), (0, width - x.shape[1])))
     return {name: np.stack([pad(getattr(b, name)) for b in batches])
-            for name in ("input_ids", "attention_mask", "loss_mask")}
+            for name in TOKEN_FIELDS}

@@ -15,12 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from lgeo_jax.data import TokenizedExample, iterate_batches, steps_per_epoch
 from lgeo_jax.lora import LoraAdapters, stacked_lora
 from lgeo_jax.model import Gemma2
-from lgeo_jax.train._batches import batch_config, check_examples
-from lgeo_jax.train._lora_trainer import merge_lora, split_lora
+from lgeo_jax.sharding import DEFAULT_RULES, LogicalAxisRules, mesh_context, replicated
+from lgeo_jax.train._batches import TOKEN_FIELDS, batch_config, check_examples
+from lgeo_jax.train._lora_trainer import merge_lora, on_mesh, put_tokens
 from lgeo_jax.train._loss import token_losses
 
 
@@ -41,8 +43,8 @@ class HeldoutEval:
 
 
 @functools.lru_cache(maxsize=4)
-def _eval_fn(model_def, lora_def):
-    @jax.jit
+def _eval_fn(model_def, lora_def, mesh: Mesh):
+    @functools.partial(jax.jit, out_shardings=replicated(mesh))  # host-readable sums on every process
     def sums(params, rest, base, input_ids, attention_mask, loss_mask):
         adapters = merge_lora(lora_def, params, rest)
         model = nnx.merge(model_def, base)
@@ -58,20 +60,22 @@ def _eval_fn(model_def, lora_def):
 
 
 def evaluate_heldout(model: Gemma2, adapters: LoraAdapters, examples: Sequence[TokenizedExample], *,
-                     batch_size: int = 8) -> HeldoutEval:
-    """Exact token means over all of `examples` (float32 pass, sums accumulated in float64 on the host)."""
+                     batch_size: int = 8, mesh: Mesh | None = None,
+                     rules: LogicalAxisRules = DEFAULT_RULES) -> HeldoutEval:
+    """Exact token means over all of `examples` (float32 pass, sums accumulated in float64 on the host), on
+    `mesh` (default: the model's) with each batch split by the `batch` rule."""
     adapters.check_model(model.config)
     check_examples(examples, model.config, what="held-out evaluation data")
-    lora_def, params, rest = split_lora(adapters)
-    model_def, base = nnx.split(model)
-    fn = _eval_fn(model_def, lora_def)
+    mesh, model_def, base, lora_def, params, rest = on_mesh(model, adapters, mesh, rules, jnp.float32)
+    fn = _eval_fn(model_def, lora_def, mesh)
     bc = batch_config(examples, batch_size, seed=0, shuffle=False)
     loss_sum = np.zeros(len(adapters) + 1)
     delta_sum = np.zeros(len(adapters))
     n_targets = n_tokens = 0
     for batch in iterate_batches(examples, bc, num_steps=steps_per_epoch(len(examples), bc)):
-        nll, delta = fn(params, rest, base, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask),
-                        jnp.asarray(batch.loss_mask))
+        tokens = put_tokens(batch, mesh, rules)
+        with mesh_context(mesh):
+            nll, delta = fn(params, rest, base, *(tokens[name] for name in TOKEN_FIELDS))
         loss_sum += np.asarray(nll, np.float64)
         delta_sum += np.asarray(delta, np.float64)
         n_targets += int(batch.loss_mask[:, 1:].sum())

@@ -8,9 +8,16 @@ follows exactly the trajectory it would follow alone (tested against one-by-one 
 Precision: the LoRA factors (master weights, optimizer state) stay float32; the frozen base is cast once
 to `compute_dtype` when that is narrower, and the factors are cast inside the forward pass.
 
+Devices: everything runs on one mesh (`mesh=`, default the one the model was placed on). The base
+weights are placed by their logical axes (FSDP over `fsdp`, tensor parallel over `model`), the LoRA factors
+by theirs (`lgeo_jax.lora.factor_axes`: split like the base weight they adapt), the optimizer state like the
+factors, and every micro-batch is split over `data` x `fsdp` (the `batch` rule): data parallelism with the
+gradient all-reduce left to XLA. The layout changes float32 reduction order only.
+
 Determinism and resume: batch s of the stream and the dropout key of step s are pure functions of
-(seed, s), and a checkpoint stores the step, the factors and the optimizer state, so a run resumed from
-step k ends bitwise equal to an uninterrupted one on the same machine.
+(seed, s), and a checkpoint stores the step, the factors and the optimizer state (restored into the same
+shardings), so a run resumed from step k ends bitwise equal to an uninterrupted one on the same machine
+and mesh.
 """
 
 from __future__ import annotations
@@ -26,17 +33,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from lgeo_jax.data import Batch, BatchConfig, TokenizedExample, iterate_batches, steps_per_epoch
-from lgeo_jax.lora import LoraAdapters, stacked_lora
+from lgeo_jax.lora import LoraAdapters, factor_axes, stacked_lora
 from lgeo_jax.model import Gemma2
 from lgeo_jax.optim import lr_schedule
-from lgeo_jax.train._batches import batch_config, check_examples, stack_micro
+from lgeo_jax.sharding import DEFAULT_RULES, LogicalAxisRules, mesh_context, mesh_of, place, put, replicated
+from lgeo_jax.train._batches import TOKEN_FIELDS, batch_config, check_examples, stack_micro
 from lgeo_jax.train._checkpoint import TrainCheckpoints
 from lgeo_jax.train._config import TrainConfig
 from lgeo_jax.train._loss import next_token_loss
-from lgeo_jax.train._optim import lora_optimizer, per_adapter_norm
+from lgeo_jax.train._optim import init_on_mesh, lora_optimizer, per_adapter_norm
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,9 +89,28 @@ def split_lora(adapters: LoraAdapters) -> tuple[nnx.GraphDef, dict, nnx.State]:
 
 
 def merge_lora(graphdef: nnx.GraphDef, params: dict, rest: nnx.State) -> LoraAdapters:
-    """The inverse of `split_lora` (works under tracing: builds a fresh state, mutates nothing shared)."""
-    state = nnx.State({t: {name: nnx.LoRAParam(v) for name, v in f.items()} for t, f in params.items()})
+    """The inverse of `split_lora` (works under tracing: builds a fresh state, mutates nothing shared); the
+    factors get their logical axes back, so the result can be placed on a mesh again."""
+    state = nnx.State({t: {name: nnx.LoRAParam(v, logical_axes=factor_axes(t)[name]) for name, v in f.items()}
+                       for t, f in params.items()})
     return nnx.merge(graphdef, state, rest)
+
+
+def on_mesh(model: Gemma2, adapters: LoraAdapters, mesh: Mesh | None, rules: LogicalAxisRules,
+            compute_dtype) -> tuple[Mesh, nnx.GraphDef, nnx.State, nnx.GraphDef, dict, nnx.State]:
+    """Model and adapters placed on `mesh` (default: the model's own) by their logical axes, and split for a
+    jitted step: (mesh, model_def, frozen base, lora_def, trainable factors, fixed rest)."""
+    mesh = mesh_of(model) if mesh is None else mesh
+    model_def, base = frozen_base(place(model, mesh, rules), compute_dtype)
+    lora_def, params, rest = split_lora(place(adapters, mesh, rules))
+    return mesh, model_def, base, lora_def, params, rest
+
+
+def put_tokens(tokens: Batch | dict[str, np.ndarray], mesh: Mesh, rules: LogicalAxisRules) -> dict[str, jax.Array]:
+    """A batch's token arrays ([B, T], or [K, B, T] stacked micro-batches) split over the mesh by the `batch`
+    rule, keyed by `TOKEN_FIELDS`."""
+    arrays = tokens if isinstance(tokens, dict) else {name: getattr(tokens, name) for name in TOKEN_FIELDS}
+    return {name: put(x, (None,) * (x.ndim - 2) + ("batch", None), mesh, rules) for name, x in arrays.items()}
 
 
 def frozen_base(model: Gemma2, compute_dtype) -> tuple[nnx.GraphDef, nnx.State]:
@@ -111,25 +139,30 @@ def _loss_fn(model_def, lora_def, compute_dtype, use_dropout, remat):
 
 
 @functools.lru_cache(maxsize=4)
-def _grad_fn(model_def, lora_def, compute_dtype, use_dropout):
-    return jax.jit(jax.value_and_grad(_loss_fn(model_def, lora_def, compute_dtype, use_dropout, False), has_aux=True))
+def _grad_fn(model_def, lora_def, compute_dtype, use_dropout, mesh: Mesh):
+    # replicated outputs: every process can read the (small) gradients back
+    return jax.jit(jax.value_and_grad(_loss_fn(model_def, lora_def, compute_dtype, use_dropout, False), has_aux=True),
+                   out_shardings=replicated(mesh))
 
 
 def loss_and_grads(model: Gemma2, adapters: LoraAdapters, batch: Batch, *, compute_dtype=jnp.float32,
-                   dropout_key: jax.Array | None = None) -> tuple[np.ndarray, dict]:
-    """Per-adapter losses [A] and d(sum of losses)/d(factors) as {target: {a, b}} (what the trainer uses)."""
-    lora_def, params, rest = split_lora(adapters)
-    model_def, base = frozen_base(model, compute_dtype)
-    fn = _grad_fn(model_def, lora_def, jnp.dtype(compute_dtype), dropout_key is not None)
-    (_, per), grads = fn(
-        params, rest, base, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask),
-        jnp.asarray(batch.loss_mask), dropout_key if dropout_key is not None else jax.random.key(0))
+                   dropout_key: jax.Array | None = None, mesh: Mesh | None = None,
+                   rules: LogicalAxisRules = DEFAULT_RULES) -> tuple[np.ndarray, dict]:
+    """Per-adapter losses [A] and d(sum of losses)/d(factors) as {target: {a, b}} (what the trainer uses),
+    computed on `mesh` (default: the model's) with the batch split by the `batch` rule."""
+    mesh, model_def, base, lora_def, params, rest = on_mesh(model, adapters, mesh, rules, compute_dtype)
+    fn = _grad_fn(model_def, lora_def, jnp.dtype(compute_dtype), dropout_key is not None, mesh)
+    tokens = put_tokens(batch, mesh, rules)
+    with mesh_context(mesh):
+        (_, per), grads = fn(params, rest, base, *(tokens[name] for name in TOKEN_FIELDS),
+                             dropout_key if dropout_key is not None else jax.random.key(0))
     return np.asarray(per), jax.tree.map(np.asarray, grads)
 
 
 @functools.lru_cache(maxsize=8)
 def _make_step(model_def, lora_def, train: TrainConfig, total: int, use_dropout: bool, remat: bool, n_adapters: int):
-    """The jitted optimizer step; cached, so reruns and resumes of the same run reuse its compilation."""
+    """The optimizer step, to be jitted with the state's shardings; cached, so reruns and resumes of the same
+    run (jitting the same function with equal shardings) reuse its compilation."""
     tx = lora_optimizer(train, total)
     compute_dtype = jnp.dtype(train.compute_dtype.value)
     loss = jax.value_and_grad(_loss_fn(model_def, lora_def, compute_dtype, use_dropout, remat), has_aux=True)
@@ -150,19 +183,21 @@ def _make_step(model_def, lora_def, train: TrainConfig, total: int, use_dropout:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, losses / k, per_adapter_norm(grads)
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return step
 
 
 def train_lora(model: Gemma2, adapters: LoraAdapters, examples: Sequence[TokenizedExample], train: TrainConfig,
-               *, checkpoint_dir: str | os.PathLike | None = None, stop_after: int | None = None,
+               *, mesh: Mesh | None = None, rules: LogicalAxisRules = DEFAULT_RULES,
+               checkpoint_dir: str | os.PathLike | None = None, stop_after: int | None = None,
                remat: bool = False, length_buckets: int = 2, progress: bool = True,
                desc: str = "lora") -> TrainResult:
     """Trains every adapter of the stack on `examples` (base frozen) and returns the trained stack.
 
-    With `checkpoint_dir`, the state is saved every `train.checkpoint_every` steps and at the end, and a
-    run finding a checkpoint there resumes from it. `stop_after` ends the call after that many optimizer
-    steps in total (a planned interruption; rerun to continue). `length_buckets`: distinct padded lengths,
-    i.e. compilations of the step (see `batch_config`).
+    Runs on `mesh` (default: the one the model was placed on; see the module doc for the layout); the
+    returned factors stay placed there. With `checkpoint_dir`, the state is saved every
+    `train.checkpoint_every` steps and at the end, and a run finding a checkpoint there resumes from it.
+    `stop_after` ends the call after that many optimizer steps in total (a planned interruption; rerun to
+    continue). `length_buckets`: distinct padded lengths, i.e. compilations of the step (see `batch_config`).
     """
     cfg = model.config
     adapters.check_model(cfg)
@@ -175,10 +210,10 @@ def train_lora(model: Gemma2, adapters: LoraAdapters, examples: Sequence[Tokeniz
     schedule = lr_schedule(train.lr, train.schedule, train.warmup(total), total)
     compute_dtype = jnp.dtype(train.compute_dtype.value)
 
-    lora_def, params, rest = split_lora(adapters)
+    mesh, model_def, base, lora_def, params, rest = on_mesh(model, adapters, mesh, rules, compute_dtype)
     params = jax.tree.map(jnp.copy, params)  # the step donates its buffers; the caller keeps `adapters`
-    model_def, base = frozen_base(model, compute_dtype)
-    opt_state = lora_optimizer(train, total).init(params)
+    opt_state, opt_shardings = init_on_mesh(lora_optimizer(train, total), params, mesh)
+    param_shardings = jax.tree.map(lambda p: p.sharding, params)
     losses: list[list[float]] = []
     start, resumed_from = 0, None
     ckpt = TrainCheckpoints(checkpoint_dir) if checkpoint_dir is not None else None
@@ -189,12 +224,13 @@ def train_lora(model: Gemma2, adapters: LoraAdapters, examples: Sequence[Tokeniz
                              f"{meta.get('total_steps')}, adapters {meta.get('names')}; now {total}, {names}); "
                              "delete the directory or rerun the stage with force")
         params, opt_state, losses, resumed_from = state["params"], state["opt_state"], meta["losses"], start
-    # Restored arrays come back committed to a device; commit fresh ones too, so that a resumed run hits the
-    # same compiled step instead of compiling it again for a different input placement.
-    params, opt_state = jax.device_put((params, opt_state), jax.devices()[0])
 
     use_dropout = any(s.dropout > 0 for s in adapters.specs)
-    step_fn = _make_step(model_def, lora_def, train, total, use_dropout, remat, n)
+    # Outputs keep the inputs' shardings, so every step (and a resumed run, restored into the template's
+    # shardings) sees the same placement and reuses one compilation per batch shape.
+    step_fn = jax.jit(_make_step(model_def, lora_def, train, total, use_dropout, remat, n),
+                      out_shardings=(param_shardings, opt_shardings, replicated(mesh), replicated(mesh)),
+                      donate_argnums=(0, 1))
     key = jax.random.key(train.seed)
     end = total if stop_after is None else min(total, stop_after)
     stream = iterate_batches(examples, bc, start_step=start * accum)
@@ -206,8 +242,10 @@ def train_lora(model: Gemma2, adapters: LoraAdapters, examples: Sequence[Tokeniz
             micro = stack_micro([next(stream) for _ in range(accum)])
             shape = micro["input_ids"].shape
             t0 = time.perf_counter()
-            params, opt_state, loss, norm = step_fn(params, opt_state, rest, base,
-                                                    jax.tree.map(jnp.asarray, micro), jax.random.fold_in(key, step))
+            with mesh_context(mesh):
+                params, opt_state, loss, norm = step_fn(params, opt_state, rest, base,
+                                                        put_tokens(micro, mesh, rules),
+                                                        jax.random.fold_in(key, step))
             loss, norm = np.asarray(loss), np.asarray(norm)  # waits for the step
             seconds.append(time.perf_counter() - t0)
             tokens.append(int(micro["attention_mask"].sum()))

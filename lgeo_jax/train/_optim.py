@@ -8,11 +8,15 @@ run takes the same steps as separate runs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from lgeo_jax.optim import lr_schedule
+from lgeo_jax.sharding import replicated
 from lgeo_jax.train._config import TrainConfig
 
 
@@ -45,3 +49,12 @@ def lora_optimizer(train: TrainConfig, total_steps: int) -> optax.GradientTransf
     parts = [clip_per_adapter(train.max_grad_norm)] if train.max_grad_norm is not None else []
     parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train.weight_decay))
     return optax.chain(*parts)
+
+
+def init_on_mesh(tx: optax.GradientTransformation, params: Any, mesh: Mesh) -> tuple[Any, Any]:
+    """`tx.init(params)` with every per-parameter leaf (Adam's moments) sharded like its parameter and the
+    rest (step counts) replicated on `mesh`; returns (state, its shardings) so a step can keep them so."""
+    shardings = jax.tree.map(lambda p: p.sharding, params)
+    state_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), shardings,
+                                            transform_non_params=lambda _: replicated(mesh))
+    return jax.jit(tx.init, out_shardings=state_shardings)(params), state_shardings

@@ -30,9 +30,10 @@ class _StopForward(Exception):
 
 
 def load_peft_model(
-    base_dir: str | os.PathLike, adapter_dirs: Sequence[str | os.PathLike], *, dtype: str | torch.dtype = "auto"
+    base_dir: str | os.PathLike, adapter_dirs: Sequence[str | os.PathLike], *, dtype: str | torch.dtype = "auto",
+    device: str = "cpu",
 ) -> tuple[torch.nn.Module, list[str]]:
-    """The base Gemma-2 (eager attention) with every PEFT adapter loaded, and the adapters' names.
+    """The base Gemma-2 (eager attention) with every PEFT adapter loaded, on ``device``, and the adapters' names.
 
     ``dtype="auto"`` keeps the checkpoint's dtype (bf16 for real Gemma, so the residual stream is bf16 too).
     Without adapters the plain transformers model comes back.
@@ -43,7 +44,7 @@ def load_peft_model(
         model = peft.PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name=names[0])
         for name, path in zip(names[1:], adapter_dirs[1:], strict=True):
             model.load_adapter(path, adapter_name=name)
-    return model.eval(), names
+    return model.to(device).eval(), names
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -93,9 +94,11 @@ def residuals(
     """Residuals after blocks ``layers``: [1 + n_adapters, n_layers, B, T, D] float32, index 0 = base.
 
     ``input_ids`` / ``attention_mask`` are [B, T] (1 = real token; left or right padding). Rows are run
-    ``batch_size`` at a time; each minibatch gets the base pass and then one pass per adapter.
+    ``batch_size`` at a time on the model's device; each minibatch gets the base pass and then one pass per
+    adapter; the hooks copy every captured block output into the host array as it comes.
     """
     decoder = _decoder(model)
+    device = next(model.parameters()).device
     layers = list(layers)
     _check_layers(layers, len(decoder.layers))
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)  # [B, T]
@@ -114,7 +117,8 @@ def residuals(
                 for p, name in enumerate(passes):
                     target["out"] = dest[p, :, rows]  # [n_layers, b, T, D] view
                     with _active(model, name), contextlib.suppress(_StopForward):
-                        decoder(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False)
+                        decoder(input_ids=ids[rows].to(device), attention_mask=mask[rows].to(device),
+                                use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -130,11 +134,12 @@ def extract(
     attention_mask: np.ndarray | None = None,
     batch_size: int = 8,
     dtype: str | torch.dtype = "auto",
+    device: str = "cpu",
     threads: int | None = None,
 ) -> np.ndarray:
     """Loads the HF base and PEFT adapter directories and returns `residuals` ([1 + A, n_layers, B, T, D])."""
     set_threads(threads)
-    model, names = load_peft_model(base_dir, adapter_dirs, dtype=dtype)
+    model, names = load_peft_model(base_dir, adapter_dirs, dtype=dtype, device=device)
     return residuals(model, names, input_ids, layers, attention_mask=attention_mask, batch_size=batch_size)
 
 

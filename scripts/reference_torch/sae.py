@@ -4,8 +4,9 @@
 Conventions (docs/conventions.md, lgeo_jax/sae/_step.py): each SAE's input is divided by its RMS scale
 ``s = sqrt(mean_t ||x_t||^2 / d)``; ``f = relu((x - b_dec) W_enc + b_enc)``, ``x_hat = f W_dec + b_dec``;
 ``loss = mean_t sum_d (x_hat - x)^2 + l1 * mean_t sum_latents f``; Adam; decoder rows renormalised to unit
-norm after every step. Parameters use SAELens / Gemma Scope names and layouts (``W_enc [D, F]``,
-``W_dec [F, D]``), stacked over a leading SAE axis S.
+norm after every step, optionally (``remove_parallel_grad``) after dropping the decoder gradient's component
+along each row first, as SAELens and lgeo_jax's current step do. Parameters use SAELens / Gemma Scope names
+and layouts (``W_enc [D, F]``, ``W_dec [F, D]``), stacked over a leading SAE axis S.
 
 Data: ``x [S, N, D]`` float32 in original units, one row set per SAE; step t reads the contiguous batch
 ``t mod (N // batch_size)`` (shuffle the rows beforehand). The default init is lgeo_jax's (random unit
@@ -62,14 +63,15 @@ def sae_loss(params: dict[str, torch.Tensor], x: torch.Tensor, l1: torch.Tensor)
     return mse + l1 * f.sum(-1).mean(-1)  # [S]
 
 
-def _prepare(x, d_sae, params, scales, l1, seed):
-    """Data as a tensor view, the init (default or given), the [S] scales and the [S] L1 coefficients."""
-    x = torch.from_numpy(np.ascontiguousarray(x, np.float32))  # [S, N, D], shares memory with the input
-    n_sae, _, d_in = x.shape
+def _prepare(x, d_sae, params, scales, l1, seed, device):
+    """Data on ``device`` (a view of the input on the CPU), the init (default or given), the [S] scales and
+    the [S] L1 coefficients."""
+    x_host = np.ascontiguousarray(x, np.float32)  # [S, N, D]
+    n_sae, _, d_in = x_host.shape
     params = init_params(n_sae, d_in, d_sae, seed) if params is None else params
-    scales = rms_scales(x.numpy()) if scales is None else np.asarray(scales, np.float32)
+    scales = rms_scales(x_host) if scales is None else np.asarray(scales, np.float32)
     l1 = torch.as_tensor(np.broadcast_to(np.asarray(l1, np.float32), (n_sae,)).copy())  # [S]
-    return x, params, torch.from_numpy(scales), l1
+    return torch.from_numpy(x_host).to(device), params, torch.from_numpy(scales).to(device), l1.to(device)
 
 
 def _batch(x: torch.Tensor, step: int, batch_size: int) -> torch.Tensor:
@@ -80,9 +82,9 @@ def _batch(x: torch.Tensor, step: int, batch_size: int) -> torch.Tensor:
     return x[..., start:start + batch_size, :]  # [..., B, D] view
 
 
-def _leaf_params(params: dict[str, np.ndarray], index) -> dict[str, torch.Tensor]:
+def _leaf_params(params: dict[str, np.ndarray], index, device: torch.device) -> dict[str, torch.Tensor]:
     """Trainable float32 copies of ``params[name][index]`` (the caller's arrays are never modified)."""
-    return {k: torch.tensor(np.asarray(params[k])[index], dtype=torch.float32, requires_grad=True)
+    return {k: torch.tensor(np.asarray(params[k])[index], dtype=torch.float32, device=device, requires_grad=True)
             for k in PARAM_NAMES}
 
 
@@ -91,73 +93,92 @@ def _unit_decoder_rows(w_dec: torch.Tensor) -> None:
     w_dec.div_(w_dec.norm(dim=-1, keepdim=True))
 
 
+@torch.no_grad()
+def _remove_parallel_grad(w_dec: torch.Tensor) -> None:
+    """Drops each decoder row's gradient component along the row (SAELens'
+    ``remove_gradient_parallel_to_decoder_directions``): with rows renormalised after the step it would only
+    change their norm."""
+    along = (w_dec.grad * w_dec).sum(-1, keepdim=True) / (w_dec * w_dec).sum(-1, keepdim=True)  # [..., F, 1]
+    w_dec.grad.sub_(along * w_dec)
+
+
 def _adam(params: dict[str, torch.Tensor], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
     return torch.optim.Adam(list(params.values()), lr=lr, betas=betas, eps=1e-8, fused=True)
 
 
 def _fit(loss_fn: Callable[[int], torch.Tensor], opt: torch.optim.Optimizer, w_dec: torch.Tensor,
-         steps: int) -> tuple[np.ndarray, float]:
-    """``steps`` Adam steps on ``loss_fn(step) -> [S]``, renormalising ``w_dec``: (losses [steps, S], seconds)."""
+         steps: int, remove_parallel: bool) -> tuple[np.ndarray, float]:
+    """``steps`` Adam steps on ``loss_fn(step) -> [S]``, renormalising ``w_dec`` (and first dropping its
+    row-parallel gradient with ``remove_parallel``): (losses [steps, S], seconds)."""
     losses = []
     t0 = time.perf_counter()
     for step in range(steps):
         per_sae = loss_fn(step)  # [S]
         opt.zero_grad(set_to_none=True)
         per_sae.sum().backward()  # independent SAEs: each gets exactly the gradient of its own loss
+        if remove_parallel:
+            _remove_parallel_grad(w_dec)
         opt.step()
         _unit_decoder_rows(w_dec)
         losses.append(per_sae.detach())
+    if w_dec.device.type == "cuda":
+        torch.cuda.synchronize()  # the steps above were only queued
     seconds = time.perf_counter() - t0
-    return torch.stack(losses).numpy(), seconds
+    return torch.stack(losses).cpu().numpy(), seconds
 
 
-def _train_stack(x, params, index: slice, scales, l1, steps: int, batch_size: int, lr: float, betas):
+def _train_stack(x, params, index: slice, scales, l1, steps: int, batch_size: int, lr: float, betas,
+                 remove_parallel: bool):
     """Trains the SAEs ``index`` of the stack together: (trained params [S', ...], losses [steps, S'], seconds)."""
-    p = _leaf_params(params, index)
+    p = _leaf_params(params, index, x.device)
     xs, inv, l1s = x[index], (1.0 / scales[index])[:, None, None], l1[index]  # [S', N, D], [S', 1, 1], [S']
     opt = _adam(p, lr, betas)
     # Each batch is scaled as it is read, so no scaled copy of the whole data set is ever made.
-    losses, seconds = _fit(lambda t: sae_loss(p, _batch(xs, t, batch_size) * inv, l1s), opt, p["W_dec"], steps)
-    return {k: v.detach().numpy() for k, v in p.items()}, losses, seconds
+    losses, seconds = _fit(lambda t: sae_loss(p, _batch(xs, t, batch_size) * inv, l1s), opt, p["W_dec"], steps,
+                           remove_parallel)
+    return {k: v.detach().cpu().numpy() for k, v in p.items()}, losses, seconds
 
 
 def train_saes_bmm(
     x: np.ndarray, d_sae: int, *, steps: int, batch_size: int = 512, l1: float | Sequence[float] = 0.15,
     lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), params: dict[str, np.ndarray] | None = None,
-    scales: np.ndarray | None = None, seed: int = 0, threads: int | None = None,
+    scales: np.ndarray | None = None, seed: int = 0, threads: int | None = None, device: str = "cpu",
+    remove_parallel_grad: bool = False,
 ) -> TrainedSAEs:
     """All S SAEs in one batched step (`torch.baddbmm`) with one Adam over the stacked parameters.
 
     Adam is elementwise, so one optimizer over stacked tensors takes exactly the steps S separate ones would.
     """
     set_threads(threads)
-    x, params, scales, l1 = _prepare(x, d_sae, params, scales, l1, seed)
-    trained, losses, seconds = _train_stack(x, params, slice(None), scales, l1, steps, batch_size, lr, betas)
-    return TrainedSAEs(trained, scales.numpy(), losses.T, seconds)
+    x, params, scales, l1 = _prepare(x, d_sae, params, scales, l1, seed, device)
+    trained, losses, seconds = _train_stack(x, params, slice(None), scales, l1, steps, batch_size, lr, betas,
+                                            remove_parallel_grad)
+    return TrainedSAEs(trained, scales.cpu().numpy(), losses.T, seconds)
 
 
 def train_saes_loop(
     x: np.ndarray, d_sae: int, *, steps: int, batch_size: int = 512, l1: float | Sequence[float] = 0.15,
     lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), params: dict[str, np.ndarray] | None = None,
-    scales: np.ndarray | None = None, seed: int = 0, threads: int | None = None,
+    scales: np.ndarray | None = None, seed: int = 0, threads: int | None = None, device: str = "cpu",
+    remove_parallel_grad: bool = False,
 ) -> TrainedSAEs:
     """One SAE after another, each with its own Adam: the plain training loop, run S times.
 
     Each SAE keeps a unit SAE axis so it runs the same `sae_loss` (a batch of one `baddbmm` is one GEMM).
     """
     set_threads(threads)
-    x, params, scales, l1 = _prepare(x, d_sae, params, scales, l1, seed)
-    runs = [_train_stack(x, params, slice(s, s + 1), scales, l1, steps, batch_size, lr, betas)
+    x, params, scales, l1 = _prepare(x, d_sae, params, scales, l1, seed, device)
+    runs = [_train_stack(x, params, slice(s, s + 1), scales, l1, steps, batch_size, lr, betas, remove_parallel_grad)
             for s in range(x.shape[0])]
     trained = {k: np.concatenate([r[0][k] for r in runs]) for k in PARAM_NAMES}
     losses = np.concatenate([r[1] for r in runs], axis=1)  # [steps, S]
-    return TrainedSAEs(trained, scales.numpy(), losses.T, sum(r[2] for r in runs))
+    return TrainedSAEs(trained, scales.cpu().numpy(), losses.T, sum(r[2] for r in runs))
 
 
 def train_saes_saelens(
     x: np.ndarray, d_sae: int, *, steps: int, batch_size: int = 512, l1: float | Sequence[float] = 0.15,
     lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), params: dict[str, np.ndarray] | None = None,
-    scales: np.ndarray | None = None, seed: int = 0, threads: int | None = None,
+    scales: np.ndarray | None = None, seed: int = 0, threads: int | None = None, device: str = "cpu",
 ) -> TrainedSAEs:
     """SAELens 6.x `StandardTrainingSAE` trained by its own `SAETrainer`, one SAE after another.
 
@@ -172,8 +193,10 @@ def train_saes_saelens(
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
+    if device != "cpu":
+        raise ValueError("train_saes_saelens runs on the CPU only (its trainer's device handling is not wired here)")
     set_threads(threads)
-    x, params, scales, l1 = _prepare(x, d_sae, params, scales, l1, seed)
+    x, params, scales, l1 = _prepare(x, d_sae, params, scales, l1, seed, device)
     n_sae, _, d_in = x.shape
     out = {k: [] for k in PARAM_NAMES}
     losses, seconds = np.zeros((n_sae, steps), np.float32), 0.0

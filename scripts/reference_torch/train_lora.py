@@ -43,6 +43,7 @@ class LoraSettings:
     dtype: torch.dtype = torch.float32  # base weights and LoRA factors
     autocast_bf16: bool = False  # bf16 compute with the factors kept in `dtype`
     seed: int = 0
+    device: str = "cpu"
 
 
 @dataclasses.dataclass
@@ -67,14 +68,21 @@ def make_batches(
     return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(ids.shape[0])]
 
 
-def make_peft_model(base_dir: str | os.PathLike, rank: int, settings: LoraSettings) -> peft.PeftModel:
-    """A fresh base model (eager attention) with one trainable LoRA adapter of ``rank`` (PEFT's init: B = 0)."""
+def make_peft_model(base_dir: str | os.PathLike, rank: int, settings: LoraSettings,
+                    init_dir: str | os.PathLike | None = None) -> peft.PeftModel:
+    """A fresh base model (eager attention) with one trainable LoRA adapter of ``rank`` (PEFT's init: B = 0).
+
+    With ``init_dir`` the adapter starts from that PEFT directory instead (its own r, alpha and targets), so
+    a benchmark can start this loop and another trainer from identical factors.
+    """
     base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager",
                                                              dtype=settings.dtype)
+    if init_dir is not None:
+        return peft.PeftModel.from_pretrained(base, init_dir, is_trainable=True).to(settings.device)
     torch.manual_seed(settings.seed)
     cfg = peft.LoraConfig(r=rank, lora_alpha=settings.alpha_over_rank * rank, lora_dropout=settings.dropout,
                           target_modules=list(settings.targets), task_type="CAUSAL_LM")
-    return peft.get_peft_model(base, cfg)
+    return peft.get_peft_model(base, cfg).to(settings.device)
 
 
 def _optimizer(params: list[torch.nn.Parameter], settings: LoraSettings, steps: int):
@@ -92,13 +100,15 @@ def train_rank(
     """``steps`` optimizer steps on ``batches`` (cycled, ``grad_accum`` per step): (losses [steps], seconds [steps])."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = _optimizer(params, settings, steps)
-    autocast = (torch.autocast(device_type="cpu", dtype=torch.bfloat16) if settings.autocast_bf16
+    device = torch.device(settings.device)
+    batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]  # once, not every step
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if settings.autocast_bf16
                 else contextlib.nullcontext())
     losses, seconds = np.zeros(steps), np.zeros(steps)
     model.train()
     for step in range(steps):
         t0 = time.perf_counter()
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         for j in range(settings.grad_accum):
             batch = batches[(step * settings.grad_accum + j) % len(batches)]
             with autocast:
@@ -110,7 +120,7 @@ def train_rank(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses[step] = total.item() / settings.grad_accum
+        losses[step] = total.item() / settings.grad_accum  # .item() waits for the device
         seconds[step] = time.perf_counter() - t0
     return losses, seconds
 
@@ -124,14 +134,21 @@ def train_ranks(
     *,
     attention_mask: np.ndarray | None = None,
     settings: LoraSettings = LoraSettings(),
+    init_dirs: Sequence[str | os.PathLike] | None = None,
     threads: int | None = None,
 ) -> list[LoraRun]:
-    """Trains one PEFT model per rank, one after another, on the same micro-batches [N, B, T]."""
+    """Trains one PEFT model per rank, one after another, on the same micro-batches [N, B, T].
+
+    ``init_dirs``: one PEFT directory per rank to start from (see `make_peft_model`); default PEFT's init.
+    """
     set_threads(threads)
     batches = make_batches(input_ids, loss_mask, attention_mask)
+    inits = [None] * len(ranks) if init_dirs is None else list(init_dirs)
+    if len(inits) != len(ranks):
+        raise ValueError(f"train_ranks: {len(inits)} init_dirs for {len(ranks)} ranks")
     runs = []
-    for rank in ranks:
-        model = make_peft_model(base_dir, rank, settings)
+    for rank, init_dir in zip(ranks, inits, strict=True):
+        model = make_peft_model(base_dir, rank, settings, init_dir)
         losses, seconds = train_rank(model, batches, steps, settings)
         runs.append(LoraRun(rank, model, losses, seconds))
     return runs
