@@ -34,6 +34,69 @@ def _add_config_args(p: argparse.ArgumentParser, *, out_required: bool) -> None:
     p.add_argument("--out", required=out_required, help="run directory (default: the config's run_dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set sae.l1=0.1 (repeatable)")
+    p.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                   help="the mesh section's sizes, e.g. --mesh fsdp=4,model=2 (data, fsdp, model; N or auto)")
+
+
+def _add_distributed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", default=os.environ.get("LGEO_COORDINATOR"), metavar="HOST:PORT",
+                   help="process 0's address for jax.distributed (env LGEO_COORDINATOR); without it, TPU pods "
+                        "and SLURM jobs are detected by JAX")
+    p.add_argument("--num-processes", type=int, default=_env_int("LGEO_NUM_PROCESSES"), metavar="N",
+                   help="processes in the job (env LGEO_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, default=_env_int("LGEO_PROCESS_ID"), metavar="I",
+                   help="this process's index, 0..N-1 (env LGEO_PROCESS_ID)")
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"lgeo: error: env {name}={value!r} is not an integer") from None
+
+
+def _mesh_overrides(text: str | None) -> list[str]:
+    """`--mesh data=2,fsdp=4` as `mesh.data=2`, `mesh.fsdp=4` overrides (the mesh section validates them)."""
+    from lgeo_jax.sharding import MESH_AXES
+
+    if not text:
+        return []
+    out = []
+    for item in text.split(","):
+        axis, eq, size = item.partition("=")
+        if not eq or axis.strip() not in MESH_AXES:
+            raise ValueError(f"--mesh {text!r}: expected AXIS=N pairs separated by commas, AXIS one of "
+                             f"{', '.join(MESH_AXES)} (e.g. --mesh fsdp=4,model=2)")
+        out.append(f"mesh.{axis.strip()}={size.strip()}")
+    return out
+
+
+def _init_distributed(args: argparse.Namespace) -> None:
+    """`jax.distributed.initialize` before anything touches a device: explicitly with --coordinator (all three
+    flags), or where JAX detects the cluster itself (a multi-host TPU VM, a SLURM job of several tasks). CPU
+    processes exchange collectives over gloo."""
+    import jax
+
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ValueError("--coordinator, --num-processes and --process-id (or LGEO_COORDINATOR, "
+                             "LGEO_NUM_PROCESSES, LGEO_PROCESS_ID) go together; set all three")
+        if not 0 <= args.process_id < args.num_processes:
+            raise ValueError(f"--process-id {args.process_id} is not in 0..{args.num_processes - 1}")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    elif _cluster_detected():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize()
+
+
+def _cluster_detected() -> bool:
+    """A cluster JAX can describe itself: several SLURM tasks, or a TPU VM slice with several workers."""
+    return int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in _stage_commands().items():
         p = sub.add_parser(name, help=help_text)
         _add_config_args(p, out_required=False)
+        _add_distributed_args(p)
         p.add_argument("--force", action="append", default=[], metavar="STAGE",
                        help="rerun STAGE (and so everything downstream) even if complete (repeatable)")
     p = sub.add_parser("export-sae", help="export a trained SAE directory to another library's format")
@@ -66,7 +130,7 @@ def _stage_commands() -> dict[str, tuple[str, str]]:
 def _load(args: argparse.Namespace, *, check_paths: bool):
     from lgeo_jax.study import load_config
 
-    overrides = list(args.set)
+    overrides = [*_mesh_overrides(args.mesh), *args.set]
     if args.out:
         overrides.append(f"run_dir={args.out}")
     return load_config(args.config, overrides, check_paths=check_paths)
@@ -100,12 +164,25 @@ def _run_log(root: Path) -> Iterator[None]:
 
 
 def _run_stages(args: argparse.Namespace, target: str) -> int:
-    from lgeo_jax.stages import open_run, run_stages
+    import jax
+
+    from lgeo_jax.stages import device_summary, open_run, run_stages
 
     config = _load(args, check_paths=True)
+    _init_distributed(args)
+    line, warning = device_summary(config)
+    print(line, flush=True)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    if jax.process_count() > 1:  # every stage would write its manifest from every process
+        raise ValueError(f"{jax.process_count()} processes: multi-process stage runs are not supported yet (one "
+                         "writer per run directory); run lgeo on one host, which may hold many devices")
     root = Path(config.run_dir)
     # the lock (and the check that lgeo owns the directory) before lgeo.log is written into it
     with open_run(config).lock(purpose=f"lgeo {args.command}"), _run_log(root):
+        log.info("%s", line)
+        if warning:
+            log.warning("%s", warning)
         outcomes = run_stages(config, target, force=tuple(args.force), echo=lambda line: print(line, flush=True))
     print("\nSummary")
     for o in outcomes:
@@ -118,9 +195,14 @@ def _run_stages(args: argparse.Namespace, target: str) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from lgeo_jax.stages import plan_text
+    from lgeo_jax.stages import plan_refusal, plan_text
 
-    print(plan_text(_load(args, check_paths=False)))
+    config = _load(args, check_paths=False)
+    print(plan_text(config))
+    refusal = plan_refusal(config)
+    if refusal:
+        print(f"lgeo: error: this mesh cannot hold the study: {refusal}", file=sys.stderr)
+        return 2
     return 0
 
 

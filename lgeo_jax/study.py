@@ -5,9 +5,10 @@
 of `lgeo_jax.lora`, `lgeo_jax.train`, `lgeo_jax.corpus`, `lgeo_jax.sae`, `lgeo_jax.analysis` and
 `lgeo_jax.report`. What lives here is what no single package can check: layers against the model's
 depth, splits the later stages need, sizes that involve the model and the SAE, (when asked) that the
-files the config points at exist, and `resources`: what the run may assume of the machine, which
-`lgeo run` compares with the plan's memory and disk before any stage starts (`lgeo_jax.stages`, a layer
-above, owns that check but cannot nest a section of its own here).
+files the config points at exist, `mesh` (`lgeo_jax.sharding.MeshConfig`: how every stage splits the
+devices into data x fsdp x model; layout only, so no stage hash includes it), and `resources`: what the
+run may assume of the machine, which `lgeo run` compares with the plan's memory and disk before any stage
+starts (`lgeo_jax.stages`, a layer above, owns that check but cannot nest a section of its own here).
 
 Typical use::
 
@@ -45,6 +46,7 @@ from lgeo_jax.lora import LoraConfig
 from lgeo_jax.model import BUILTIN_MODEL, ModelConfig
 from lgeo_jax.report import ReportConfig
 from lgeo_jax.sae import SAETrainConfig
+from lgeo_jax.sharding import MeshConfig
 from lgeo_jax.train import TrainConfig
 
 SECTION_NAMES = ("model", "data", "lora", "train", "extract", "sae", "analysis", "report")
@@ -81,6 +83,7 @@ class StudyConfig(Section):
     analysis: AnalysisConfig = field(AnalysisConfig())
     report: ReportConfig = field(ReportConfig())
     resources: ResourceConfig = field(ResourceConfig())
+    mesh: MeshConfig = field(MeshConfig())  # how the devices split; never hashed (layout only)
 
     @cross_check("model", "extract")
     def _layers_exist(self) -> Iterator[Problem]:

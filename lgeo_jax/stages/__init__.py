@@ -21,6 +21,8 @@ from lgeo_jax.stages._layout import (
     load_tokenizer,
     records_path,
     results_path,
+    sae_mesh,
+    stage_mesh,
     sweep_path,
 )
 from lgeo_jax.stages._manifest import (
@@ -44,12 +46,22 @@ from lgeo_jax.stages._pipeline import (
     run_stages,
     upstream_of,
 )
-from lgeo_jax.stages._plan import ResourceError, StageNeeds, check_resources, plan_text, stage_needs
+from lgeo_jax.stages._plan import (
+    ResourceError,
+    StageNeeds,
+    check_resources,
+    device_summary,
+    plan_refusal,
+    plan_text,
+    stage_needs,
+)
 
 __all__ = [
     "CONFIG_FILE", "MANIFEST_NAME", "Manifest", "PIPELINE", "ResourceError", "RollbackError", "Run", "STAGE_NAMES",
     "Stage", "StageCheck", "StageNeeds", "StageOutcome", "StageRun", "StageSpec", "StageState", "Status",
     "adapter_dirs", "base_checkpoint", "base_sae_dir", "check_resources", "corpus_size_bytes", "corpus_store",
-    "delta_sae_dir", "health_path", "layer_arrays_path", "load_records", "load_tokenizer", "open_run", "plan_text",
-    "records_path", "results_path", "run_stages", "stage_needs", "sweep_path", "upstream_of",
+    "delta_sae_dir", "device_summary", "health_path", "layer_arrays_path", "load_records", "load_tokenizer", "open_run",
+    "plan_refusal", "plan_text", "records_path", "results_path", "run_stages", "sae_mesh", "stage_mesh", "stage_needs",
+    "sweep_path",
+    "upstream_of",
 ]

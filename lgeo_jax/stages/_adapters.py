@@ -16,7 +16,7 @@ from lgeo_jax.data import tokenize_split
 from lgeo_jax.files import atomic_directory, atomic_write_json
 from lgeo_jax.lora import concat_adapters, init_adapters, load_adapter, save_adapter
 from lgeo_jax.model import load_model
-from lgeo_jax.stages._layout import adapter_dirs, base_checkpoint, load_records, load_tokenizer
+from lgeo_jax.stages._layout import adapter_dirs, base_checkpoint, load_records, load_tokenizer, stage_mesh
 from lgeo_jax.stages._manifest import Run, StageRun
 from lgeo_jax.study import StudyConfig
 from lgeo_jax.train import evaluate_heldout, plot_losses, train_lora, write_loss_csv
@@ -33,7 +33,8 @@ def run_adapters(config: StudyConfig, stage: StageRun, run: Run) -> None:
     tokenizer = load_tokenizer(run, config)
     records = load_records(run)
     base_path = base_checkpoint(run, config)
-    model = load_model(base_path, dtype=config.model.param_dtype)
+    # straight into its sharding: training and evaluation then run on the model's mesh (batch over data x fsdp)
+    model = load_model(base_path, dtype=config.model.param_dtype, mesh=stage_mesh(config, base_path))
     dirs = adapter_dirs(run, config)
     names = config.lora.names
     if not stage.is_done("train"):

@@ -24,7 +24,14 @@ from lgeo_jax.data import categorize, tokenize_split
 from lgeo_jax.files import atomic_write_json
 from lgeo_jax.lora import load_adapter
 from lgeo_jax.model import load_model
-from lgeo_jax.stages._layout import adapter_dirs, base_checkpoint, corpus_store, load_records, load_tokenizer
+from lgeo_jax.stages._layout import (
+    adapter_dirs,
+    base_checkpoint,
+    corpus_store,
+    load_records,
+    load_tokenizer,
+    stage_mesh,
+)
 from lgeo_jax.stages._manifest import Run, StageRun
 from lgeo_jax.study import StudyConfig
 
@@ -49,8 +56,9 @@ def run_corpus(config: StudyConfig, stage: StageRun, run: Run) -> None:
     categories = {s: [CATEGORY_NAMES.index(categorize(records[e.index].instruction).value) for e in ex]
                   for s, ex in examples.items()}
     base_dir, dirs, names = base_checkpoint(run, config), adapter_dirs(run, config), config.lora.names
-    model = load_model(base_dir, dtype=config.model.param_dtype)
-    adapters = [load_adapter(d, config=model.config, name=n) for d, n in zip(dirs, names, strict=True)]
+    mesh = stage_mesh(config, base_dir)  # extraction runs on the model's mesh, each batch split over data x fsdp
+    model = load_model(base_dir, dtype=config.model.param_dtype, mesh=mesh)
+    adapters = [load_adapter(d, config=model.config, name=n, mesh=mesh) for d, n in zip(dirs, names, strict=True)]
     store = corpus_store(config, run)
     activation_dtype = config.model.residual_dtype
     layout, stats = extract_corpus(model, adapters, names, examples, categories, store, config.extract, stage,

@@ -18,8 +18,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
 from lgeo_jax.corpus import store_url
 from lgeo_jax.data import AlpacaRecord, load_alpaca
+from lgeo_jax.model import Gemma2Config, abstract_model, count_params
+from lgeo_jax.sharding import MESH_AXES, make_mesh
 from lgeo_jax.stages._manifest import Run
 from lgeo_jax.study import StudyConfig
 
@@ -95,3 +101,49 @@ def results_path(run: Run) -> Path:
 def layer_arrays_path(run: Run, layer: int) -> Path:
     """Raw per-row max-cosines and principal angles of one layer (`<adapter>/<comparison>/<what>` keys)."""
     return run.stage_dir("analysis") / "layers" / f"L{layer}.npz"
+
+
+# ---- the mesh every model stage runs on ------------------------------------------------------------
+
+WEIGHT_SHARE = 0.5
+"""Of one device's memory, what an auto mesh lets the base weights take: the rest is for activations, the
+LoRA optimizer state and XLA's scratch (`lgeo run`'s resource check still compares each stage's whole need)."""
+
+
+def weight_bytes(cfg: Gemma2Config, config: StudyConfig) -> int:
+    """The base model's weights in the dtype the stages load them in (no weights read)."""
+    dtype = jnp.dtype(config.model.param_dtype or "bfloat16")
+    return count_params(abstract_model(cfg, param_dtype=dtype)) * dtype.itemsize
+
+
+def mesh_sizes(config: StudyConfig, cfg: Gemma2Config, n_devices: int, device_bytes: int | None) -> dict[str, int]:
+    """`config.mesh` resolved on `n_devices` devices of `device_bytes` each (None: unknown, no limit): auto
+    axes take every device data-parallel, moving to `fsdp` as needed for the weights to fit `WEIGHT_SHARE`."""
+    budget = None if device_bytes is None else int(device_bytes * WEIGHT_SHARE)
+    return config.mesh.sizes(n_devices, weight_bytes=weight_bytes(cfg, config), device_bytes=budget)
+
+
+def device_memory(config: StudyConfig) -> int | None:
+    """One device's memory: `resources.device_memory_gib`, else what the accelerator reports; None on CPU
+    (its devices share the host's memory, which the resource check covers)."""
+    if config.resources.device_memory_gib is not None:
+        return int(config.resources.device_memory_gib * 2**30)
+    device = jax.local_devices()[0]
+    return None if device.platform == "cpu" else (device.memory_stats() or {}).get("bytes_limit")
+
+
+def stage_mesh(config: StudyConfig, base_dir: Path) -> Mesh:
+    """The mesh the adapters and corpus stages load the model of `base_dir` onto (every global device)."""
+    cfg = Gemma2Config.from_hf_dir(base_dir)
+    return make_mesh(**mesh_sizes(config, cfg, jax.device_count(), device_memory(config)))
+
+
+def mesh_is_auto(config: StudyConfig) -> bool:
+    """No mesh size is set in the config (every axis auto)."""
+    return all(getattr(config.mesh, axis) is None for axis in MESH_AXES)
+
+
+def sae_mesh(config: StudyConfig) -> Mesh | None:
+    """The SAE jobs' mesh: the configured one when any size is set, else None (`lgeo_jax.sae.default_mesh`:
+    the SAE axis over as many devices as divide the SAE count, the batch over the rest)."""
+    return None if mesh_is_auto(config) else config.mesh.build()

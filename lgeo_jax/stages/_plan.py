@@ -17,7 +17,9 @@ from lgeo_jax.config import is_placeholder
 from lgeo_jax.lora import target_dims
 from lgeo_jax.model import Gemma2Config, abstract_model, count_params
 from lgeo_jax.sae import estimate_sae_memory
+from lgeo_jax.sharding import MESH_AXES
 from lgeo_jax.stages._corpus import corpus_size_bytes
+from lgeo_jax.stages._layout import mesh_is_auto, mesh_sizes, weight_bytes
 from lgeo_jax.stages._saes import trains_base_saes
 from lgeo_jax.study import StudyConfig
 
@@ -60,8 +62,7 @@ def plan_text(config: StudyConfig) -> str:
         f"Model: {source}",
         f"  {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} q / {cfg.n_kv_heads} kv heads, head_dim "
         f"{cfg.head_dim}, MLP {cfg.mlp_dim}, vocab {cfg.vocab_size}",
-        f"  parameters: {total:,} ({_gib(total * dtype.itemsize)} in {dtype.name}; per device with the weights "
-        f"sharded over fsdp x model = 8: {_gib(total * dtype.itemsize / 8)})",
+        f"  parameters: {total:,} ({_gib(total * dtype.itemsize)} in {dtype.name})",
         "",
         "LoRA adapters (trainable parameters, % of the base model's parameters):",
     ]
@@ -72,8 +73,52 @@ def plan_text(config: StudyConfig) -> str:
                      f"= {100 * n / total:.4f}% (3 d.p.: {100 * n / total:.3f}%)")
     lines.append("  Note: the paper's Table 2 percentages (0.048/0.097/0.193/0.387) round inconsistently in the "
                  "last digit (r16 is 0.1936%, printed 0.193); we print the exact values.")
-    lines += ["", *_corpus_lines(config, cfg), "", *_sae_lines(config, cfg), "", *_resource_lines(config)]
+    lines += ["", *_corpus_lines(config, cfg), "", *_sae_lines(config, cfg), "", *_resource_lines(config), "",
+              *_mesh_lines(config)]
     return "\n".join(lines)
+
+
+PLAN_DEVICE_GIB = 16.0
+"""The device memory `lgeo plan` checks a mesh against when `resources.device_memory_gib` is unset: the
+smallest common accelerator (a TPU v5e chip, a 16 GB V100)."""
+
+
+def planned_mesh(config: StudyConfig) -> tuple[int, int]:
+    """(devices, bytes per device) `lgeo plan` assumes: the product of the mesh sizes the config sets (auto
+    axes 1: `plan` opens no device), and `resources.device_memory_gib` or `PLAN_DEVICE_GIB`."""
+    n = math.prod(getattr(config.mesh, axis) or 1 for axis in MESH_AXES)
+    return n, _gib_bytes(config.resources.device_memory_gib or PLAN_DEVICE_GIB)
+
+
+def plan_refusal(config: StudyConfig) -> str | None:
+    """Why the config's mesh (`planned_mesh`) cannot hold the study, with what would fit; None when it fits or
+    no mesh size is set (an auto mesh depends on the machine, which `lgeo run` checks). The same figures `lgeo
+    run` refuses a mesh with before loading anything."""
+    if mesh_is_auto(config):
+        return None
+    n, capacity = planned_mesh(config)
+    problems = _device_problems(config, None, n, capacity)
+    return "; ".join(problems) or None
+
+
+def _mesh_lines(config: StudyConfig) -> list[str]:
+    """Per stage, per device on the planned mesh: its parts (weights, activations, LoRA state, SAE stacks)."""
+    if mesh_is_auto(config):
+        return ["Mesh: auto (every device data-parallel, FSDP for weights that do not fit); see the per-device "
+                "memory of a given layout with --mesh data=..,fsdp=..,model=.."]
+    n, capacity = planned_mesh(config)
+    cfg, _ = planned_model_config(config)
+    try:
+        mesh = mesh_sizes(config, cfg, n, capacity)
+    except ValueError as e:
+        return [f"Mesh: {e}"]
+    lines = [f"Per device on the mesh {_mesh_text(mesh)} ({n} device(s); set it with --mesh or the config's "
+             f"mesh section), checked against {_gib(capacity)} per device:"]
+    for need in stage_needs(config, n, mesh).values():
+        if need.device:
+            parts = ", ".join(f"{what} {_gib(size)}" for what, size in need.device_parts) or need.device_what
+            lines.append(f"  {need.stage:<9} {_gib(need.device):>14}  ({parts})")
+    return lines
 
 
 def planned_tokens(config: StudyConfig) -> tuple[int, str]:
@@ -116,7 +161,7 @@ def _resource_lines(config: StudyConfig) -> list[str]:
     running study may hold them)."""
     lines = ["Per stage on 1 device (lower bounds; `lgeo run` checks them against this machine's devices before "
              "starting):"]
-    for n in stage_needs(config, 1).values():
+    for n in stage_needs(config, 1, {"data": 1, "fsdp": 1, "model": 1}).values():
         if n.device or n.host or n.disk:
             lines.append(f"  {n.stage:<9} device {_gib(n.device):>14}, host {_gib(n.host):>14}, "
                          f"disk {_gib(n.disk):>14}")
@@ -145,13 +190,14 @@ class StageNeeds:
     device_what: str = ""
     host_what: str = ""
     disk_what: str = ""
+    device_parts: tuple[tuple[str, int], ...] = ()  # what `device` is made of, where it has parts
 
 
 @dataclasses.dataclass(frozen=True)
 class Machine:
     """What this machine offers (bytes; None: unknown, not checked), detected or from `resources`."""
 
-    n_devices: int
+    n_devices: int  # global: every process's
     device: int | None
     host: int | None
     disk: int | None
@@ -162,17 +208,22 @@ class ResourceError(ValueError):
     """A run the machine cannot hold; the message gives each figure and what would fit."""
 
 
-def stage_needs(config: StudyConfig, n_devices: int) -> dict[str, StageNeeds]:
-    """Each stage's needs on a machine of `n_devices` devices, from the planned shapes alone (no weights read;
-    `jax.eval_shape` for the model). The model is on one device (the stages load it unsharded); the SAE jobs
-    are spread as `lgeo_jax.sae.default_mesh` spreads them."""
+def stage_needs(config: StudyConfig, n_devices: int, mesh: dict[str, int] | None = None) -> dict[str, StageNeeds]:
+    """Each stage's needs per device on a machine of `n_devices` devices, from the planned shapes alone (no
+    weights read; `jax.eval_shape` for the model). `mesh`: the {data, fsdp, model} sizes the model stages use
+    (default: `config.mesh` resolved without a memory limit): weights split over fsdp x model, residual
+    batches over data x fsdp, the LoRA state counted whole (an upper bound: its factors split where their axes
+    divide). The SAE jobs use `config.mesh` when any size is set, else `lgeo_jax.sae.default_mesh`'s layout."""
     cfg, _ = planned_model_config(config)
+    mesh = mesh_sizes(config, cfg, n_devices, None) if mesh is None else mesh
+    weight_split, batch_split = mesh["fsdp"] * mesh["model"], mesh["data"] * mesh["fsdp"]
     dtype = jnp.dtype(config.model.param_dtype or "bfloat16")
-    weights = count_params(abstract_model(cfg, param_dtype=dtype)) * dtype.itemsize
+    whole = weight_bytes(cfg, config)
+    weights = -(-whole // weight_split)
     f32 = 4
     needs = {"data": StageNeeds("data")}
-    if config.model.is_builtin:  # pretrained here: float32 parameters, gradients and two Adam moments
-        needs["base"] = StageNeeds("base", device=weights // dtype.itemsize * f32 * 4, disk=weights,
+    if config.model.is_builtin:  # pretrained here, on one device: float32 parameters, gradients, two Adam moments
+        needs["base"] = StageNeeds("base", device=whole // dtype.itemsize * f32 * 4, disk=whole,
                                    device_what="the built-in model's pretraining state", disk_what="the model")
     else:
         needs["base"] = StageNeeds("base")
@@ -180,17 +231,21 @@ def stage_needs(config: StudyConfig, n_devices: int) -> dict[str, StageNeeds]:
     lora = sum(spec.trainable_params(cfg.n_layers, dims) for spec in config.lora.adapter_specs())
     needs["adapters"] = StageNeeds("adapters", device=weights + lora * f32 * 4, disk=lora * f32,
                                    device_what="the base weights plus the LoRA parameters, gradients and Adam state",
-                                   disk_what="the adapters")
+                                   disk_what="the adapters",
+                                   device_parts=(("weights", weights), ("LoRA params + grads + Adam", lora * f32 * 4)))
     ex = config.extract
     residuals = ((1 + len(config.lora.ranks)) * len(ex.layers) * ex.batch_size * config.data.max_length
                  * cfg.d_model * f32 * 2)  # float32 residuals and their store-dtype copy
+    local = -(-residuals // batch_split)  # each device holds its rows of the batch
     tokens, _ = planned_tokens(config)
     remote = ex.store is not None and "://" in ex.store and not ex.store.startswith("file://")
-    needs["corpus"] = StageNeeds("corpus", device=weights + residuals, host=residuals,
+    needs["corpus"] = StageNeeds("corpus", device=weights + local, host=residuals,
                                  disk=0 if remote else corpus_size_bytes(config, tokens, cfg.d_model),
                                  device_what="the base weights plus one batch of residuals",
-                                 host_what="one batch of residuals", disk_what=f"the corpus ({tokens:,} tokens)")
-    needs["saes"] = _sae_needs(config, cfg.d_model, config.sae.resolved_width(cfg.d_model), n_devices)
+                                 host_what="one batch of residuals", disk_what=f"the corpus ({tokens:,} tokens)",
+                                 device_parts=(("weights", weights), ("activations (one batch)", local)))
+    sae_layout = None if mesh_is_auto(config) else mesh
+    needs["saes"] = _sae_needs(config, cfg.d_model, config.sae.resolved_width(cfg.d_model), n_devices, sae_layout)
     needs["analysis"] = _analysis_needs(config, cfg.d_model, config.sae.resolved_width(cfg.d_model))
     needs["report"] = StageNeeds("report")
     return needs
@@ -214,15 +269,21 @@ def _sae_mesh(n_sae: int, n_devices: int) -> dict[str, int]:
     return {"model": model, "data": n_devices // model}
 
 
-def _sae_needs(config: StudyConfig, d_model: int, width: int, n_devices: int) -> StageNeeds:
+def _sae_needs(config: StudyConfig, d_model: int, width: int, n_devices: int,
+               mesh: dict[str, int] | None = None) -> StageNeeds:
+    """`mesh`: the SAE jobs' {data, fsdp, model} sizes (None: `default_mesh`'s, per job); the batch splits over
+    data x fsdp, the SAE axis over model."""
     s = config.sae
     n, n_sweep = _sae_counts(config)
-    device = max(estimate_sae_memory(d_model, width, k, s.batch_size, _sae_mesh(k, n_devices),
+    layout = (lambda k: _sae_mesh(k, n_devices)) if mesh is None else (
+        lambda k: {"model": mesh["model"], "data": mesh["data"] * mesh["fsdp"]})
+    device = max(estimate_sae_memory(d_model, width, k, s.batch_size, layout(k),
                                      arch=s.architecture).total for k in (n, n_sweep) if k)
     one = _sae_bytes(d_model, width, config)
     # saved SAEs plus `keep_checkpoints` training states (parameters and two Adam moments), both jobs
     disk = (n + n_sweep) * one * (1 + 3 * s.keep_checkpoints)
     return StageNeeds("saes", device=device, host=max(n, n_sweep) * one, disk=disk,
+                      device_parts=(("SAE stacks (params, grads, Adam, activations)", device),),
                       device_what=f"training {n} SAEs of width {width:,} in one job (parameters, gradients, Adam, "
                                   "activations)",
                       host_what=f"the trained weights of {max(n, n_sweep)} SAEs of width {width:,}",
@@ -251,7 +312,7 @@ def this_machine(config: StudyConfig, *, devices: bool = True) -> Machine:
     stats = local[0].memory_stats() if local[0].platform != "cpu" else None
     cpu_share = host // len(local) if host is not None and local[0].platform == "cpu" else None  # one RAM
     device = _gib_bytes(r.device_memory_gib) or (stats or {}).get("bytes_limit") or cpu_share
-    return Machine(len(local), device, host, disk, where)
+    return Machine(jax.device_count(), device, host, disk, where)  # the mesh spans every process's devices
 
 
 def check_resources(config: StudyConfig, stages: Iterable[str]) -> None:
@@ -261,20 +322,16 @@ def check_resources(config: StudyConfig, stages: Iterable[str]) -> None:
     if not config.resources.check or not stages:
         return
     machine = this_machine(config)
-    all_needs = stage_needs(config, machine.n_devices)
-    needs = [all_needs[s] for s in stages if s in all_needs]
-    if not needs:
-        return
-    problems = []
-    for kind, capacity, where in (("device", machine.device, f"per device ({machine.n_devices} device(s))"),
-                                  ("host", machine.host, "of host memory")):
-        peak = max(needs, key=lambda n, kind=kind: getattr(n, kind))
-        if capacity is not None and getattr(peak, kind) > capacity:
-            problems.append(f"stage {peak.stage} needs at least {_gib(getattr(peak, kind))} {where} for "
-                            f"{getattr(peak, kind + '_what')}, but this machine has {_gib(capacity)}"
-                            + _what_fits(config, peak.stage, kind, capacity, machine.n_devices))
+    problems = _device_problems(config, stages, machine.n_devices, machine.device)
+    needs = [n for s, n in stage_needs(config, machine.n_devices).items() if s in stages]
+    if needs and machine.host is not None:
+        peak = max(needs, key=lambda n: n.host)
+        if peak.host > machine.host:
+            problems.append(f"stage {peak.stage} needs at least {_gib(peak.host)} of host memory for "
+                            f"{peak.host_what}, but this machine has {_gib(machine.host)}"
+                            + _what_fits(config, peak.stage, "host", machine.host, machine.n_devices))
     disk = sum(n.disk for n in needs)
-    if machine.disk is not None and disk > machine.disk:
+    if needs and machine.disk is not None and disk > machine.disk:
         biggest = max(needs, key=lambda n: n.disk)
         problems.append(f"stages {', '.join(n.stage for n in needs if n.disk)} write {_gib(disk)} (most: "
                         f"{biggest.disk_what}, {_gib(biggest.disk)}) but {machine.disk_path} has {_gib(machine.disk)} "
@@ -286,15 +343,55 @@ def check_resources(config: StudyConfig, stages: Iterable[str]) -> None:
                             "host_memory_gib / disk_gib where the detected sizes are wrong)")
 
 
-def _what_fits(config: StudyConfig, stage: str, kind: str, capacity: int, n_devices: int) -> str:
+def _device_problems(config: StudyConfig, stages: Iterable[str] | None, n_devices: int,
+                     capacity: int | None) -> list[str]:
+    """Why `stages` (None: every stage) do not fit `n_devices` devices of `capacity` bytes each on the config's
+    mesh (empty: they fit, or the capacity is unknown), each with what would fit."""
+    cfg, _ = planned_model_config(config)
+    try:
+        mesh = mesh_sizes(config, cfg, n_devices, capacity)
+    except ValueError as e:  # an auto mesh with no fsdp that fits, or sizes that do not match the devices
+        return [str(e)]
+    all_needs = stage_needs(config, n_devices, mesh)
+    stages = list(all_needs) if stages is None else list(stages)
+    needs = [n for s, n in all_needs.items() if s in stages]
+    if capacity is None or not needs:
+        return []
+    peak = max(needs, key=lambda n: n.device)
+    if peak.device <= capacity:
+        return []
+    return [f"stage {peak.stage} needs at least {_gib(peak.device)} per device ({n_devices} device(s)) for "
+            f"{peak.device_what} on the mesh {_mesh_text(mesh)}, but this machine has {_gib(capacity)}"
+            + _what_fits(config, peak.stage, "device", capacity, n_devices, None if mesh_is_auto(config) else mesh)
+            + _mesh_that_fits(config, stages, n_devices, capacity)]
+
+
+def _mesh_text(mesh: dict[str, int]) -> str:
+    return ",".join(f"{axis}={mesh[axis]}" for axis in MESH_AXES)
+
+
+def _mesh_that_fits(config: StudyConfig, stages: Iterable[str], n_devices: int, capacity: int) -> str:
+    """A hint: the first mesh over `n_devices` on which every stage fits (least tensor parallelism, then fewest
+    weight shards: the layouts with the least communication first)."""
+    stages = list(stages)
+    divisors = [f for f in range(1, n_devices + 1) if n_devices % f == 0]
+    for model, fsdp in ((m, f) for m in divisors for f in divisors if n_devices % (m * f) == 0):
+        mesh = {"data": n_devices // (model * fsdp), "fsdp": fsdp, "model": model}
+        if all(n.device <= capacity for s, n in stage_needs(config, n_devices, mesh).items() if s in stages):
+            return f"; the mesh {_mesh_text(mesh)} would fit"
+    return f"; no mesh of {n_devices} device(s) fits every stage: use more devices or shrink the largest stage"
+
+
+def _what_fits(config: StudyConfig, stage: str, kind: str, capacity: int, n_devices: int,
+               sae_layout: dict[str, int] | None = None) -> str:
     """A hint at a setting that would fit `capacity`: the largest SAE width for the SAE stages (their needs are
     linear in the width), the largest token budget for the corpus disk."""
     if capacity <= 0:
         return ""
     cfg, _ = planned_model_config(config)
     if stage in ("saes", "analysis"):
-        need = (lambda w: getattr(_sae_needs(config, cfg.d_model, w, n_devices), kind)) if stage == "saes" else (
-            lambda w: getattr(_analysis_needs(config, cfg.d_model, w), kind))
+        need = (lambda w: getattr(_sae_needs(config, cfg.d_model, w, n_devices, sae_layout), kind)) \
+            if stage == "saes" else (lambda w: getattr(_analysis_needs(config, cfg.d_model, w), kind))
         slope = need(2) - need(1)
         width = (capacity - (need(1) - slope)) // slope if slope > 0 else 0
         return (f"; an SAE width of at most {width:,} would fit (or fewer SAEs, a smaller sae.batch_size)" if width > 0
@@ -331,3 +428,31 @@ def _existing_ancestor(path: str) -> str:
     while not os.path.exists(path):
         path = os.path.dirname(path)
     return path
+
+
+# ---- what a command runs on ------------------------------------------------------------------------
+
+CPU_WARN_BYTES = 2**30
+"""Weights above which running on CPU is almost certainly a mistake (the 2B model is 5 GiB in bf16)."""
+
+
+def device_summary(config: StudyConfig) -> tuple[str, str | None]:
+    """One line for the log: backend, device kind and count, process index / count and the mesh the model
+    stages resolve; and a warning when the backend is CPU but the model is a real Gemma-2 (the "GPU user with
+    the CPU jaxlib" case), else None. Opens the devices."""
+    devices = jax.devices()
+    cfg, _ = planned_model_config(config)
+    try:
+        mesh = _mesh_text(mesh_sizes(config, cfg, len(devices), this_machine(config).device))
+    except ValueError as e:
+        mesh = f"unresolved ({e})"
+    line = (f"backend {jax.default_backend()}, {len(devices)} x {devices[0].device_kind} "
+            f"({jax.local_device_count()} local), process {jax.process_index()} of {jax.process_count()}, "
+            f"mesh {mesh}")
+    weights = weight_bytes(cfg, config)
+    warning = None
+    if jax.default_backend() == "cpu" and weights > CPU_WARN_BYTES:
+        warning = (f"the backend is CPU but the model's weights are {_gib(weights)}: this will be very slow. On a "
+                   "GPU install the CUDA jaxlib (pip install -e . \"jax[cuda12]\"), on a TPU VM \"jax[tpu]\"; check "
+                   "with python -c 'import jax; print(jax.devices())'")
+    return line, warning

@@ -24,7 +24,7 @@ import zlib
 from lgeo_jax.corpus import BASE_NAME, CorpusSource, open_corpus
 from lgeo_jax.files import atomic_write_json
 from lgeo_jax.sae import Arch, StackedSource, initial_decoder, sae_health, search_l1, train_saes
-from lgeo_jax.stages._layout import base_sae_name, corpus_store, delta_sae_name, health_path, sweep_path
+from lgeo_jax.stages._layout import base_sae_name, corpus_store, delta_sae_name, health_path, sae_mesh, sweep_path
 from lgeo_jax.stages._manifest import Run, StageRun
 from lgeo_jax.study import StudyConfig
 
@@ -59,7 +59,7 @@ def _sweep(config: StudyConfig, stage: StageRun, run: Run, corpus, sae_cfg, warn
     picking = s.l1 is None
     found = search_l1(x, s.l1_sweep, sae_cfg, s, stage.path / "sweep", tuple(s.l0_target),
                       rounds=s.l1_sweep_rounds if picking else 0, held_out=held,
-                      seed=init_seed(s.seeds[0], name, layer), plot=config.report.plots)
+                      seed=init_seed(s.seeds[0], name, layer), mesh=sae_mesh(config), plot=config.report.plots)
     if picking and not found.on_target:
         if not s.allow_off_target:
             raise ValueError(found.off_target_message())
@@ -96,7 +96,7 @@ def run_saes(config: StudyConfig, stage: StageRun, run: Run) -> None:
     try:
         source = StackedSource(parts)
         result = train_saes(source, sae_cfg, s, [l1] * len(entries), init_seeds, stage.path / "job",
-                            plot=config.report.plots)
+                            mesh=sae_mesh(config), plot=config.report.plots)
     finally:
         for part in parts:
             part.close()
