@@ -1,7 +1,9 @@
-"""Base + 4 adapters (ranks 4/8/16/32) in ONE jitted pass vs (a) 5 separate JAX passes and (b) transformers +
-PEFT switching adapters, on the same mid-size random Gemma-2, input and machine.
+"""Base + 4 adapters (ranks 4/8/16/32) in ONE jitted pass (whole batch, and micro-batched under XLA:CPU's fusion
+cliff as extraction runs it) vs (a) 5 separate JAX passes and (b) transformers + PEFT switching adapters, on the
+same mid-size random Gemma-2 and machine, at every batch shape from 1 x 32 to 16 x 256.
 
-    python scripts/bench_lora.py [--batch 4 --seq 256 --layers 8]
+    python scripts/bench_lora.py                                  # the bench/lora.md table (quiet machine)
+    python scripts/bench_lora.py --shapes 1x32,2x64 --layers 2 --no-peft --out /tmp/lora.md   # smoke run
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import copy
 import tempfile
 
+import benchlib
 import jax
 import numpy as np
 import peft
@@ -19,22 +22,24 @@ from benchlib import interleaved_times, mid_size_hf_config, write_markdown
 from flax import nnx
 
 import lgeo_jax
-from lgeo_jax.lora import stacked_lora
+from lgeo_jax.lora import CPU_FUSION_TOKENS, micro_batch_size, stacked_lora
 
 RANKS = (4, 8, 16, 32)
+SHAPES = "1x32,4x32,1x256,2x256,4x256,8x256,16x256"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--shapes", default=SHAPES, help="batch x seq shapes, comma-separated")
     p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-peft", action="store_true", help="skip the transformers + PEFT column")
     p.add_argument("--out", default="bench/lora.md")
     args = p.parse_args()
 
     torch.manual_seed(0)
     hf = transformers.Gemma2ForCausalLM(mid_size_hf_config(args.layers)).eval()
-    ids = np.random.default_rng(0).integers(0, 8192, (args.batch, args.seq))
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     layers = list(range(args.layers))
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(f"{d}/base")
@@ -52,55 +57,58 @@ def main() -> None:
         adapters = [lgeo_jax.load_adapter(f"{d}/r{r}") for r in RANKS]
 
     stacked = lgeo_jax.concat_adapters(adapters)
-
-    def one_pass():
-        jax.block_until_ready(lgeo_jax.residuals(model, ids, layers=layers, adapters=stacked))
-
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def adapter_only(state, lora, ids):
         """One adapted model on its own (no base slot): what a per-adapter loop would run."""
         m = nnx.merge(graphdef, state)
-        x, positions, valid = m._prepare(ids, None, 1, None)
+        x, positions, valid = m.prepare_inputs(ids, None, 1, None)
         return m.run_blocks(x, positions, valid, n_layers=len(layers), capture=tuple(layers), lora=lora)[1]
 
     single = [stacked_lora(a, with_base=False) for a in adapters]
-    j_ids = jax.numpy.asarray(ids)
-
-    def separate_passes():
-        jax.block_until_ready(lgeo_jax.residuals(model, ids, layers=layers))
-        for lora in single:
-            jax.block_until_ready(adapter_only(state, lora, j_ids))
-
-    t_ids = torch.as_tensor(ids)
-
-    def peft_switching():
-        with torch.no_grad():
-            with peft_model.disable_adapter():
-                peft_model.base_model.model.model(t_ids, output_hidden_states=True)
-            for r in RANKS:
-                peft_model.set_adapter(f"r{r}")
-                peft_model.base_model.model.model(t_ids, output_hidden_states=True)
-
-    token_passes = ids.size * (1 + len(RANKS))
-    times = interleaved_times({"one": one_pass, "sep": separate_passes, "peft": peft_switching}, repeats=3)
     lines = [
         f"Mid-size random Gemma-2 (d_model 512, {args.layers} layers, 8 q / 4 kv heads, head_dim 64, MLP 2048), "
-        f"float32, batch {args.batch} x seq {args.seq}, all {args.layers} layers captured; base + adapters of "
-        f"ranks {', '.join(map(str, RANKS))} on q,k,v,o (non-zero B); median of 3 runs taken in turns after warm-up.",
+        f"float32, all {args.layers} layers captured; base + adapters of ranks {', '.join(map(str, RANKS))} on "
+        f"q,k,v,o (non-zero B); median of {args.repeats} runs taken in turns after warm-up; load average at start "
+        f"{benchlib.load_average()[0]:.2f}. Micro-batched: slices of at most {CPU_FUSION_TOKENS} tokens x models per "
+        "call (`micro_batch_size`, what extraction runs).",
         "",
-        "| method | seconds | token-passes/s (tokens x 5 models) |",
-        "|---|---|---|",
-        f"| lgeo_jax: base + 4 adapters in one jitted pass | {times['one']:.3f} | {token_passes / times['one']:,.0f} |",
-        f"| lgeo_jax: 5 separate jitted passes (base, then each adapter alone) | {times['sep']:.3f} | "
-        f"{token_passes / times['sep']:,.0f} |",
-        f"| transformers + PEFT, switching adapters (5 passes) | {times['peft']:.3f} | "
-        f"{token_passes / times['peft']:,.0f} |",
-        "",
-        f"One pass vs 5 JAX passes: **{times['sep'] / times['one']:.2f}x**; one pass vs transformers + PEFT: "
-        f"**{times['peft'] / times['one']:.2f}x**.",
+        "| batch x seq | one pass (token-passes/s) | one pass, micro-batched | 5 separate passes | PEFT switching "
+        "| micro-batched / separate |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    for batch, seq in shapes:
+        ids = np.random.default_rng(0).integers(0, 8192, (batch, seq))
+        j_ids, t_ids = jax.numpy.asarray(ids), torch.as_tensor(ids)
+        micro = micro_batch_size(batch, seq, 1 + len(RANKS), CPU_FUSION_TOKENS)
+
+        def one_pass(micro_batch=None, ids=ids):
+            jax.block_until_ready(lgeo_jax.residuals(model, ids, layers=layers, adapters=stacked,
+                                                     micro_batch=micro_batch))
+
+        def separate_passes(ids=ids, j_ids=j_ids):
+            jax.block_until_ready(lgeo_jax.residuals(model, ids, layers=layers))
+            for lora in single:
+                jax.block_until_ready(adapter_only(state, lora, j_ids))
+
+        def peft_switching(t_ids=t_ids):
+            with torch.no_grad():
+                with peft_model.disable_adapter():
+                    peft_model.base_model.model.model(t_ids, output_hidden_states=True)
+                for r in RANKS:
+                    peft_model.set_adapter(f"r{r}")
+                    peft_model.base_model.model.model(t_ids, output_hidden_states=True)
+
+        fns = {"one": one_pass, "micro": lambda m=micro: one_pass(m), "sep": separate_passes}
+        if not args.no_peft:
+            fns["peft"] = peft_switching
+        times = interleaved_times(fns, repeats=args.repeats)
+        rate = {k: ids.size * (1 + len(RANKS)) / v for k, v in times.items()}
+        peft_col = f"{rate['peft']:,.0f}" if "peft" in rate else "-"
+        lines.append(f"| {batch} x {seq} | {rate['one']:,.0f} | {rate['micro']:,.0f} (b={micro}) | {rate['sep']:,.0f} "
+                     f"| {peft_col} | **{rate['micro'] / rate['sep']:.2f}x** |")
+        print(lines[-1], flush=True)
     print("\n".join(lines))
     write_markdown(args.out, "Multi-adapter residual extraction", lines)
 

@@ -45,6 +45,10 @@ class ExtractConfig(Section):
     chunk_rows: int = field(1024, check=greater(0), affects_results=False)
     pad_multiple: int = field(64, check=greater(0), affects_results=False)  # few sequence lengths, few compiles
     max_pending: int = field(2, check=greater(0), affects_results=False)  # batches with writes in flight
+    # On the CPU backend, tokens per device per stacked call, (1 + adapters) x rows x seq: the batch runs in
+    # slices that stay under it (values unchanged). 4096 is XLA:CPU's fusion cliff (lgeo_jax.lora.CPU_FUSION_TOKENS,
+    # bench/README.md (a)); None: the whole batch in one call. Accelerators always take the whole batch.
+    micro_batch_tokens: int | None = field(4096, check=greater(0), affects_results=False)
 
     @cross_check("store")
     def _store(self) -> Iterator[Problem]:

@@ -40,8 +40,9 @@ from lgeo_jax.corpus._store import (
 )
 from lgeo_jax.data import BatchConfig, Category, TokenizedExample, collate
 from lgeo_jax.files import json_hash
-from lgeo_jax.lora import LoraAdapters, check_layers, prepare_adapters, residuals
+from lgeo_jax.lora import LoraAdapters, batch_shards, check_layers, micro_batch_size, prepare_adapters, residuals
 from lgeo_jax.model import Gemma2
+from lgeo_jax.sharding import mesh_of
 
 PROGRESS_KEY = "corpus"
 CATEGORY_NAMES = tuple(c.value for c in Category)
@@ -120,6 +121,9 @@ def extract_corpus(model: Gemma2, adapters: Sequence[LoraAdapters], adapter_name
                          f"{len(adapter_names)} names {adapter_names}")
     check_layers(config.layers, model.config.n_layers)
     stack = prepare_adapters(adapters, model.config)  # stacked and padded once, not per batch
+    # micro-batching avoids XLA:CPU's fusion cliff; on an accelerator a bigger call only helps
+    micro_tokens = config.micro_batch_tokens if jax.default_backend() == "cpu" else None
+    shards = batch_shards(mesh_of(model))
     plans = {}
     for code, (split, examples) in enumerate(splits.items()):
         if len(categories[split]) != len(examples):
@@ -160,8 +164,11 @@ def extract_corpus(model: Gemma2, adapters: Sequence[LoraAdapters], adapter_name
         keep = np.zeros(batch.input_ids.shape, bool)  # [B, T]
         for row, i in enumerate(plan.batches[b]):
             keep[row, : plan.examples[i].length] = plan.keep[i]
+        micro = micro_batch_size(*batch.input_ids.shape, 1 + (0 if stack is None else len(stack)), micro_tokens,
+                                 shards=shards)
         res = residuals(model, batch.input_ids, layers=config.layers, adapters=() if stack is None else stack,
-                        attention_mask=batch.attention_mask, dtype=activation_dtype)  # [A, C, B, T, D]
+                        attention_mask=batch.attention_mask, dtype=activation_dtype,
+                        micro_batch=micro)  # [A, C, B, T, D]
         out = _rows_and_sums(res, keep, store_dtype=config.store_dtype.value)
         for x in out:
             x.copy_to_host_async()

@@ -17,10 +17,10 @@ from lgeo_jax.lora._adapters import (
 )
 from lgeo_jax.lora._config import LoraConfig
 from lgeo_jax.lora._peft import load_adapter, save_adapter
-from lgeo_jax.lora._residuals import check_layers, residuals
+from lgeo_jax.lora._residuals import CPU_FUSION_TOKENS, batch_shards, check_layers, micro_batch_size, residuals
 
 __all__ = [
-    "DEFAULT_TARGETS", "PEFT_NAMES", "TARGETS", "AdapterSpec", "LoraAdapters", "LoraConfig", "check_layers",
-    "concat_adapters", "factor_axes", "init_adapters", "load_adapter", "pad_layers", "prepare_adapters", "residuals",
-    "save_adapter", "stacked_lora", "target_dims",
+    "AdapterSpec", "CPU_FUSION_TOKENS", "DEFAULT_TARGETS", "LoraAdapters", "LoraConfig", "PEFT_NAMES", "TARGETS",
+    "batch_shards", "check_layers", "concat_adapters", "factor_axes", "init_adapters", "load_adapter",
+    "micro_batch_size", "pad_layers", "prepare_adapters", "residuals", "save_adapter", "stacked_lora", "target_dims",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -15,6 +16,32 @@ from jaxtyping import Array, Float, Int
 from lgeo_jax.lora._adapters import LoraAdapters, prepare_adapters, stacked_lora
 from lgeo_jax.model import Gemma2
 from lgeo_jax.sharding import DEFAULT_RULES, LogicalAxisRules, constrain, mesh_context, mesh_of, place, put
+
+# Tokens per call ((1 + adapters) x rows x seq) above which XLA:CPU's YNNPACK fusion pass merges the MLP's dots
+# into one fusion and per-token throughput drops 14-27% (profiled in bench/README.md (a)); the stacked pass is
+# cut into micro-batches that stay at or under it.
+CPU_FUSION_TOKENS = 4096
+
+
+def micro_batch_size(batch: int, seq: int, n_models: int, max_tokens: int | None, *, shards: int = 1) -> int:
+    """Sequences per call so that each device's `n_models * rows * seq <= max_tokens` (None: the whole batch).
+
+    `shards` is how many ways the batch axis is split (`batch_shards`): a call keeps a multiple of it, so
+    micro-batching never turns a data-parallel batch into a replicated one; at least one row per shard.
+    """
+    if max_tokens is None:
+        return batch
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
+    per_shard = max(1, max_tokens // (n_models * seq))
+    return min(batch, per_shard * shards)
+
+
+def batch_shards(mesh: Mesh, rules: LogicalAxisRules = DEFAULT_RULES) -> int:
+    """How many ways `mesh` splits the batch axis under `rules` (1 on one device)."""
+    axes = rules.spec(("batch",), mesh)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def check_layers(layers: Sequence[int], n_layers: int) -> tuple[int, ...]:
@@ -51,6 +78,7 @@ def residuals(
     dtype: jnp.dtype | None = None,
     mesh: Mesh | None = None,
     rules: LogicalAxisRules = DEFAULT_RULES,
+    micro_batch: int | None = None,
 ) -> Float[Array, "A C B T D"]:
     """Residual streams after the given blocks: `(1 + n_adapters, len(layers), batch, seq, d_model)` float32.
 
@@ -62,7 +90,13 @@ def residuals(
     Runs on `mesh` (default: the one the model was placed on, e.g. by `load_model(mesh=...)`): the model and
     adapters are placed there by their logical axes (no copy when already there), the batch is split by the
     `batch` rule, and so is the result's batch axis.
+
+    `micro_batch` (sequences per call, default: the whole batch) runs the stacked pass over slices of the batch
+    and concatenates them (a remainder slice runs as its own, smaller call): the values equal the whole-batch
+    pass to float32 rounding, and on CPU it keeps each call under the fusion cliff (`micro_batch_size`).
     """
+    if micro_batch is not None and micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1 or None, got {micro_batch}")
     mesh = mesh_of(model) if mesh is None else mesh
     stack = prepare_adapters(adapters, model.config, mesh=mesh, rules=rules)
     lora = None if stack is None else stacked_lora(stack)
@@ -74,11 +108,18 @@ def residuals(
         attention_mask = np.ones(np.shape(input_ids), np.int32)
     if np.shape(attention_mask) != np.shape(input_ids):
         raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {np.shape(input_ids)}")
-    input_ids, attention_mask = (_int32_batch(x, mesh, rules) for x in (input_ids, attention_mask))
     graphdef, state = nnx.split(place(model, mesh, rules))
+    batch = np.shape(input_ids)[0]
+    step = batch if micro_batch is None else min(micro_batch, batch)
+    kw = dict(layers=layers, n_adapters=1 + n_adapters, dtype=None if dtype is None else jnp.dtype(dtype).name)
+    parts = []
     with mesh_context(mesh):
-        return _residuals_jit(graphdef, state, input_ids, attention_mask, lora, layers=layers,
-                              n_adapters=1 + n_adapters, dtype=None if dtype is None else jnp.dtype(dtype).name)
+        for start in range(0, batch, step):
+            ids, mask = (_int32_batch(x[start:start + step], mesh, rules) for x in (input_ids, attention_mask))
+            parts.append(_residuals_jit(graphdef, state, ids, mask, lora, **kw))  # [A, C, b, T, D]
+        if len(parts) == 1:
+            return parts[0]
+        return constrain(jnp.concatenate(parts, axis=2), ("adapters", None, "batch", None, None))  # [A, C, B, T, D]
 
 
 def _int32_batch(x, mesh: Mesh, rules: LogicalAxisRules) -> jax.Array:
