@@ -40,6 +40,7 @@ from lgeo_jax.config import (
     section_hash,
 )
 from lgeo_jax.corpus import ExtractConfig
+from lgeo_jax.crosscoder import CrosscoderConfig
 from lgeo_jax.data import BUILTIN_DATA, DataConfig
 from lgeo_jax.files import read_json
 from lgeo_jax.lora import LoraConfig
@@ -49,7 +50,7 @@ from lgeo_jax.sae import SAETrainConfig
 from lgeo_jax.sharding import MeshConfig
 from lgeo_jax.train import TrainConfig
 
-SECTION_NAMES = ("model", "data", "lora", "train", "extract", "sae", "analysis", "report")
+SECTION_NAMES = ("model", "data", "lora", "train", "extract", "sae", "crosscoder", "analysis", "report")
 """StudyConfig's hashable sections, in pipeline order (run_dir is where, not what)."""
 
 
@@ -80,6 +81,7 @@ class StudyConfig(Section):
     train: TrainConfig = field(TrainConfig())
     extract: ExtractConfig = field(ExtractConfig())
     sae: SAETrainConfig = field(SAETrainConfig())
+    crosscoder: CrosscoderConfig = field(CrosscoderConfig())  # trains on sae.train_split, analysed on eval_split
     analysis: AnalysisConfig = field(AnalysisConfig())
     report: ReportConfig = field(ReportConfig())
     resources: ResourceConfig = field(ResourceConfig())

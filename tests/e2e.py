@@ -13,7 +13,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MICRO = REPO / "configs" / "micro.yaml"
 # Tables a complete micro report must contain (Table 12 comes from micro's small L1 sweep).
-TABLES = ("table4", "table5", "table6", "table7", "table8", "table9", "table10", "table11", "table12")
+TABLES = ("table4", "table5", "table6", "table7", "table8", "table9", "table10", "table11", "table12",
+          "crosscoder")  # micro's crosscoders are on (a few seconds)
 # Headline numbers that must carry `.ci_low` / `.ci_high` rows in every (adapter, layer) cell, and those of
 # Tables 9-11 that must carry a verdict `.vs_null` (issue 15's acceptance).
 HEADLINES = (("table4", "mean_norm"), ("table5", "difference.rel_l2"), ("table5", "direct.rel_l2"),
@@ -86,5 +87,10 @@ def check_report(run_dir: Path) -> None:
             raise AssertionError(f"report.md's Table {n} shows no interval")
         if 9 <= n <= 11 and not any(mark in section for mark in "▲▼≈"):
             raise AssertionError(f"report.md's Table {n} shows no verdict")
+    crosscoders = {(r["adapter"], r["layer"]) for r in rows if r["table"] == "crosscoder"}
+    nulls = {(r["adapter"], r["layer"]) for r in rows
+             if r["table"] == "crosscoder" and r["metric"].endswith("random_init_classes.shared")}
+    if crosscoders != nulls or "## Crosscoders between the base and adapted models" not in report:
+        raise AssertionError("the crosscoder section or its random-init null is missing")
     if "## Training health of the SAEs" not in report:
         raise AssertionError("report.md does not open with the training-health section")

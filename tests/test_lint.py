@@ -15,7 +15,7 @@ LAYERS = {
     "files": 0,
     "config": 1, "safetensors_io": 1, "optim": 1,
     "sharding": 1.5,  # above config: its `mesh` section is a config Section; below everything that lays out arrays
-    "data": 2, "model": 2, "geometry": 2, "sae": 2, "stats": 2,
+    "data": 2, "model": 2, "geometry": 2, "sae": 2, "stats": 2, "crosscoder": 2.5,
     "lora": 3,
     "corpus": 4, "train": 4,
     "analysis": 5,

@@ -17,6 +17,7 @@ import yaml
 from lgeo_jax.analysis import AnalysisConfig
 from lgeo_jax.config import from_dict
 from lgeo_jax.corpus import ExtractConfig
+from lgeo_jax.crosscoder import CrosscoderConfig
 from lgeo_jax.data import DataConfig
 from lgeo_jax.files import lock_holder
 from lgeo_jax.lora import LoraConfig
@@ -38,7 +39,8 @@ from lgeo_jax.train import TrainConfig
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 PACKAGE_CONFIGS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig,
-                   "extract": ExtractConfig, "sae": SAETrainConfig, "analysis": AnalysisConfig, "report": ReportConfig}
+                   "extract": ExtractConfig, "sae": SAETrainConfig, "crosscoder": CrosscoderConfig,
+                   "analysis": AnalysisConfig, "report": ReportConfig}
 
 
 def test_every_section_has_a_package_config():
@@ -211,7 +213,7 @@ def _config_chains(source):
 
 
 STAGE_MODULES = {name: pathlib.Path(__file__).resolve().parents[1] / "lgeo_jax" / "stages" / f"_{name}.py"
-                 for name in ("data", "base", "adapters", "corpus", "saes", "analysis", "report")}
+                 for name in ("data", "base", "adapters", "corpus", "saes", "crosscoders", "analysis", "report")}
 
 
 def test_direct_config_reads_of_every_stage_module_are_in_its_identity():
@@ -277,7 +279,7 @@ def test_a_rerun_says_on_stdout_which_stages_rerun_and_why(tmp_path):
     run_stages(changed, pipeline=_writing(), echo=lines.append)
     assert lines == ["[data] complete, skipped", "[base] complete, skipped", "[adapters] complete, skipped",
                      "[corpus] complete, skipped", "[saes] complete, skipped",
-                     "[analysis] config section 'analysis' changed: rerunning ...",
+                     "[crosscoders] complete, skipped", "[analysis] config section 'analysis' changed: rerunning ...",
                      "[report] input 'analysis' will rerun: rerunning ..."]
 
 

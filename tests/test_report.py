@@ -42,7 +42,8 @@ LAYERS, RANKS, SEEDS = (1, 3), (4, 8), (0, 1)
 GS_L0 = {1: 11, 3: 13}
 ROWS = {"probe": 96, "heldout": 1100}  # > 1024 held-out rows: two evaluation batches, the second partial
 TOKENS_PER_PROMPT = 11  # held-out rows 11 p .. 11 p + 10 are prompt p's tokens (the corpus' sample_index)
-FAST = ("analysis.null_samples=20", "analysis.n_boot=100", "analysis.subspace_boot=20")  # the minimum counts
+FAST = ("analysis.null_samples=20", "analysis.n_boot=100", "analysis.subspace_boot=20",  # the minimum counts
+        "crosscoder.batch_size=32", "crosscoder.steps=20", "crosscoder.eval_rows=64")  # fits the hand-built corpus
 
 
 def make_config(root: pathlib.Path, gs_dir: pathlib.Path, *extra: str):
@@ -370,6 +371,8 @@ def test_report_files(finished):
     rows = (out / FIGURES_CSV).read_text().splitlines()
     assert rows[0] == "table,adapter,rank,layer,metric,value,paper" and len(rows) > 2000
     figures = json.loads((out / FIGURES_JSON).read_text())
+    crosscoder = figures["results"].pop("crosscoder")  # the report stage adds the crosscoders stage's record
+    assert crosscoder["enabled"] and len(crosscoder["crosscoders"]) == len(config.lora.ranks) * len(LAYERS)
     assert figures["results"] == results and len(figures["rows"]) == len(rows) - 1
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert {"max_cosine_hist.png", "principal_angles.png", "cka_by_layer.png", "heatmap_table9.png",

@@ -20,6 +20,17 @@ headline numbers of Tables 9-11 with a `vs_null` verdict.
 from lgeo_jax.analysis._cka import PromptCKA, PromptGrid
 from lgeo_jax.analysis._config import GEMMA_SCOPE_9B_L0, AnalysisConfig
 from lgeo_jax.analysis._corpus_tables import table2, table4, table12
+from lgeo_jax.analysis._crosscoder import (
+    CLASSES,
+    analyze_crosscoder,
+    closed_form_beta,
+    compare_adapter_only,
+    decoder_cosine,
+    latent_classes,
+    latent_scaling,
+    norm_diff,
+    random_init_decoders,
+)
 from lgeo_jax.analysis._density import density_trends
 from lgeo_jax.analysis._dictionary import (
     ANGLE_STATS,
@@ -47,7 +58,9 @@ from lgeo_jax.analysis._prompt_tables import (
 from lgeo_jax.analysis._tokens import RECONS, DeviceSAE, FiringCounts, adapter_pass, base_pass, firing_counts
 
 __all__ = [
-    "ANGLE_STATS", "CKA_PAIRS", "ERROR_NAMES", "GEMMA_SCOPE_9B_L0", "RECONS", "ROW_STATS", "AnalysisConfig",
+    "ANGLE_STATS", "CKA_PAIRS", "CLASSES", "analyze_crosscoder", "closed_form_beta", "compare_adapter_only",
+    "decoder_cosine", "latent_classes", "latent_scaling", "norm_diff", "random_init_decoders",
+    "ERROR_NAMES", "GEMMA_SCOPE_9B_L0", "RECONS", "ROW_STATS", "AnalysisConfig",
     "Comparison", "DeviceSAE", "FiringCounts", "LayerSAEs", "NullCache", "PromptCKA", "PromptGrid",
     "adapter_intervals", "adapter_metrics", "adapter_pass", "analyze_layer", "angle_stats", "base_pass", "compare",
     "count_rows", "density_trends", "firing_counts", "firing_key", "improvement", "live_rows", "measure",

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lgeo_jax.report import _paper as paper
+from lgeo_jax.report._crosscoder import crosscoder_section
 from lgeo_jax.report._figures import paper_value
 from lgeo_jax.report._view import OUTSIDE, VERDICT, VERDICT_WORDS, View, ci, fmt, get, table, value_of
 
@@ -458,6 +459,7 @@ def render_markdown(results: Mapping[str, Any], *, title: str, with_paper: bool,
         ("Table 11: linear CKA over the evaluation tokens", lambda: _table11(view)),
         ("Feature density by rank and depth", lambda: _density(results, view)),
         ("Table 12: L1 sweep", lambda: _table12(results, with_paper)),
+        ("Crosscoders between the base and adapted models", lambda: crosscoder_section(results)),
     ]
     sections += [f"## {heading}\n\n{render()}" for heading, render in tables]
     if plots:

@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib.patches import Patch
 
 from lgeo_jax.files import atomic_save_figure
+from lgeo_jax.report._crosscoder import crosscoder_plots
 
 Figure = tuple[str, str]  # (file name, caption)
 COMPARISON_STYLE = {  # comparison -> (label, colour)
@@ -327,4 +328,5 @@ def write_plots(results: Mapping[str, Any], arrays: Mapping[int, Mapping[str, np
     """Every figure into `out_dir`; returns (file name, caption) pairs."""
     return [*heatmaps(results, out_dir, fmt), max_cosine_histograms(results, arrays, out_dir, fmt),
             angle_spectra(results, arrays, out_dir, fmt), k_sweep(results, arrays, out_dir, fmt),
-            cka_by_layer(results, out_dir, fmt), density(results, out_dir, fmt)]
+            cka_by_layer(results, out_dir, fmt), density(results, out_dir, fmt),
+            *crosscoder_plots(results, out_dir, fmt)]

@@ -10,6 +10,7 @@ import numpy as np
 
 from lgeo_jax.files import atomic_write_json, atomic_write_text
 from lgeo_jax.report._config import ReportConfig
+from lgeo_jax.report._crosscoder import crosscoder_rows
 from lgeo_jax.report._figures import figure_rows, rows_to_csv
 from lgeo_jax.report._markdown import render_markdown
 
@@ -33,7 +34,7 @@ def write_report(results: Mapping[str, Any], arrays: Mapping[int, Mapping[str, n
         from lgeo_jax.report._plots import write_plots  # matplotlib only when plotting
 
         plots = write_plots(results, arrays, out_dir, config.plot_format.value)
-    rows = figure_rows(results)
+    rows = figure_rows(results) + crosscoder_rows(results)
     atomic_write_text(out_dir / FIGURES_CSV, rows_to_csv(rows))
     atomic_write_json(out_dir / FIGURES_JSON, {"results": results, "rows": rows})
     atomic_write_text(out_dir / REPORT_FILE, render_markdown(results, title=config.title or default_title,

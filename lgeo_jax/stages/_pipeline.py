@@ -19,6 +19,7 @@ from lgeo_jax.stages._adapters import run_adapters
 from lgeo_jax.stages._analysis import reference_path, run_analysis
 from lgeo_jax.stages._base import run_base
 from lgeo_jax.stages._corpus import run_corpus
+from lgeo_jax.stages._crosscoders import crosscoder_reads, run_crosscoders
 from lgeo_jax.stages._data import run_data
 from lgeo_jax.stages._layout import adapter_dirs, base_checkpoint
 from lgeo_jax.stages._manifest import Run, StageCheck, StageRun, StageState
@@ -105,9 +106,12 @@ PIPELINE = (
           files=lambda config, run: _weights_files(config, run, adapters=True)),
     Stage("saes", ("sae",), ("corpus",), run_saes, "train-saes", "train the delta SAEs (and base SAEs) together",
           reads=_saes_reads),
+    Stage("crosscoders", ("crosscoder",), ("corpus", "saes"), run_crosscoders, "train-crosscoders",
+          "train base/adapted crosscoders (crosscoder.enabled) and analyse their latents", reads=crosscoder_reads),
     Stage("analysis", ("analysis",), ("corpus", "saes"), run_analysis, "analyze",
           "compute Tables 4-12 with null baselines", files=_analysis_files),
-    Stage("report", ("report",), ("analysis",), run_report, "report", "write report.md, CSV/JSON and plots"),
+    Stage("report", ("report",), ("analysis", "crosscoders"), run_report, "report",
+          "write report.md, CSV/JSON and plots"),
 )
 """Inputs always precede their consumers (`Run` checks it)."""
 STAGE_NAMES = tuple(s.name for s in PIPELINE)
