@@ -29,7 +29,7 @@ from lgeo_jax.crosscoder._config import CrossArch, CrosscoderConfig
 from lgeo_jax.crosscoder._formats import Crosscoder, save_crosscoder
 from lgeo_jax.crosscoder._models import CrossState, held_out_metrics, init_params, make_optimizer, train_step
 from lgeo_jax.files import atomic_directory, json_hash
-from lgeo_jax.sae import Batch, BatchSource, MetricsCSV, check_batch, default_mesh, read_metrics
+from lgeo_jax.sae import Batch, BatchSource, MetricsCSV, check_batch, default_mesh, open_job, read_metrics
 from lgeo_jax.sharding import DEFAULT_RULES
 
 
@@ -109,18 +109,8 @@ def train_crosscoders(source: PairSource, cfg: CrosscoderConfig, seeds: Sequence
     mesh = default_mesh(n) if mesh is None else mesh
     optimizer, abstract, state_sh, step_fn, eval_fn = _compiled(cfg, mesh, n, source.d_in)
     chash = job_hash(source, cfg, seeds)
-    manager = ocp.CheckpointManager(out_dir.resolve() / "checkpoints", options=ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep_checkpoints, create=True))
-    start = manager.latest_step()
-    if start is None:
-        state, start = jax.device_put(_init_state(source, cfg, seeds, optimizer), state_sh), 0
-    else:
-        meta = manager.restore(start, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if meta["config_hash"] != chash:
-            raise ValueError(f"{out_dir}: checkpoint was written by a crosscoder job with hash {meta['config_hash']}, "
-                             f"this job's is {chash}; use a new out_dir or restore the original config")
-        target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, state_sh)
-        state = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    manager, state, start = open_job(out_dir, cfg.keep_checkpoints, chash, abstract, state_sh,
+                                     lambda: _init_state(source, cfg, seeds, optimizer), what="a crosscoder job")
 
     x_sh = DEFAULT_RULES.sharding(("sae", "batch", None), mesh, (n, cfg.batch_size, source.d_in))
     held = None

@@ -29,11 +29,11 @@ from lgeo_jax.sae._memory import SAEMemory, estimate_sae_memory
 from lgeo_jax.sae._models import SAE, decode, encode, init_params
 from lgeo_jax.sae._source import ArraySource, Batch, BatchSource, StackedSource
 from lgeo_jax.sae._sweep import SweepPoint, SweepSearch, l1_sweep, next_grid, pick_l1, search_l1
-from lgeo_jax.sae._train import TrainResult, check_batch, default_mesh, initial_decoder, train_saes
+from lgeo_jax.sae._train import TrainResult, check_batch, default_mesh, initial_decoder, open_job, train_saes
 
 __all__ = [
     "FORMATS", "MOVED_COS", "SAE", "Arch", "ArraySource", "BDecInit", "Batch", "BatchSource", "MetricsCSV", "Normalize",
-    "SAEConfig", "auxk_loss", "check_batch",
+    "SAEConfig", "auxk_loss", "check_batch", "open_job",
     "SAEHealth", "SAEMemory", "SAETrainConfig", "Sparsity", "StackedSource", "SweepPoint", "SweepSearch",
     "TrainResult", "decode", "default_mesh", "encode", "estimate_sae_memory", "export_sae", "gemma_scope_path",
     "init_params", "initial_decoder", "l1_sweep", "load_gemma_scope", "load_sae", "load_saelens", "load_sparsify",

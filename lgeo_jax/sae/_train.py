@@ -157,6 +157,24 @@ def job_hash(source: BatchSource, sae_cfg: SAEConfig, train_cfg: SAETrainConfig,
                       "names": list(source.names), "d_in": source.d_in, "n_rows": source.n_rows})
 
 
+def open_job(out_dir: pathlib.Path, keep: int, chash: str, abstract, state_sh, init, *, what: str = "a job"):
+    """A job's checkpoint manager and its state: restored from the latest checkpoint (laid out as `state_sh`),
+    or `init()` placed there when none exists, with the step to start from. A checkpoint written by another
+    config (`chash` differs) is refused, naming both hashes."""
+    manager = ocp.CheckpointManager(out_dir.resolve() / "checkpoints", options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True))
+    start = manager.latest_step()
+    if start is None:
+        return manager, jax.device_put(init(), state_sh), 0
+    meta = manager.restore(start, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta["config_hash"] != chash:
+        raise ValueError(f"{out_dir}: checkpoint was written by {what} with config hash {meta['config_hash']}, "
+                         f"this job's is {chash}; use a new out_dir or restore the original config")
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, state_sh)
+    state = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    return manager, state, start
+
+
 def train_saes(source: BatchSource, sae_cfg: SAEConfig, train_cfg: SAETrainConfig, l1_coeffs: Sequence[float],
                seeds: Sequence[int], out_dir: str | pathlib.Path, mesh: Mesh | None = None,
                progress: bool = True, stop_after: int | None = None, plot: bool = True) -> TrainResult:
@@ -180,20 +198,8 @@ def train_saes(source: BatchSource, sae_cfg: SAEConfig, train_cfg: SAETrainConfi
     optimizer, abstract, state_sh, step_fn, eval_fn, resample_fn = _compiled(sae_cfg, train_cfg, total, mesh,
                                                                              len(seeds))
     chash = job_hash(source, sae_cfg, train_cfg, l1_coeffs, seeds)
-    manager = ocp.CheckpointManager(out_dir.resolve() / "checkpoints", options=ocp.CheckpointManagerOptions(
-        max_to_keep=train_cfg.keep_checkpoints, create=True))
-
-    start = manager.latest_step()
-    if start is None:
-        state = jax.device_put(_init_state(source, sae_cfg, train_cfg, seeds, optimizer), state_sh)
-        start = 0
-    else:
-        meta = manager.restore(start, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if meta["config_hash"] != chash:
-            raise ValueError(f"{out_dir}: checkpoint was written by a job with config hash {meta['config_hash']}, "
-                             f"this job's is {chash}; use a new out_dir or restore the original config")
-        target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, state_sh)
-        state = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    manager, state, start = open_job(out_dir, train_cfg.keep_checkpoints, chash, abstract, state_sh,
+                                     lambda: _init_state(source, sae_cfg, train_cfg, seeds, optimizer))
 
     x_sh = DEFAULT_RULES.sharding(("sae", "batch", None), mesh, (len(seeds), train_cfg.batch_size, sae_cfg.d_in))
     per_sae = _shardings(jnp.zeros(len(seeds)), mesh)
