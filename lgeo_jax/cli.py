@@ -4,6 +4,9 @@
 A stage command holds the run directory's lock for its whole life (a second one on the same directory
 exits at once, naming the holder; `lgeo status` still works), and SIGTERM (a timeout, SLURM, preemption)
 is handled like Ctrl-C: the running stage rolls back what it was replacing, and a rerun resumes.
+
+In a job of several processes (`--coordinator ...`) process 0 holds the lock and writes the run directory,
+lgeo.log included; every process runs the same command and follows it (`lgeo_jax.stages.run_stages`).
 """
 
 from __future__ import annotations
@@ -88,10 +91,11 @@ def _init_distributed(args: argparse.Namespace) -> None:
         if not 0 <= args.process_id < args.num_processes:
             raise ValueError(f"--process-id {args.process_id} is not in 0..{args.num_processes - 1}")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
+                                   heartbeat_timeout_seconds=HEARTBEAT_S)
     elif _cluster_detected():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_S)
 
 
 def _cluster_detected() -> bool:
@@ -166,7 +170,7 @@ def _run_log(root: Path) -> Iterator[None]:
 def _run_stages(args: argparse.Namespace, target: str) -> int:
     import jax
 
-    from lgeo_jax.stages import device_summary, open_run, run_stages
+    from lgeo_jax.stages import device_summary, open_run, run_stages, stage_devices
 
     config = _load(args, check_paths=True)
     _init_distributed(args)
@@ -174,16 +178,20 @@ def _run_stages(args: argparse.Namespace, target: str) -> int:
     print(line, flush=True)
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    if jax.process_count() > 1:  # every stage would write its manifest from every process
-        raise ValueError(f"{jax.process_count()} processes: multi-process stage runs are not supported yet (one "
-                         "writer per run directory); run lgeo on one host, which may hold many devices")
+    if jax.process_count() > 1:
+        print(f"{jax.process_count()} processes: each extracts its share of the corpus on its {len(stage_devices())} "
+              "devices; process 0 writes the run directory", flush=True)
     root = Path(config.run_dir)
-    # the lock (and the check that lgeo owns the directory) before lgeo.log is written into it
-    with open_run(config).lock(purpose=f"lgeo {args.command}"), _run_log(root):
-        log.info("%s", line)
-        if warning:
-            log.warning("%s", warning)
-        outcomes = run_stages(config, target, force=tuple(args.force), echo=lambda line: print(line, flush=True))
+    echo = lambda line: print(line, flush=True)
+    if jax.process_index() == 0:
+        # the lock (and the check that lgeo owns the directory) before lgeo.log is written into it
+        with open_run(config).lock(purpose=f"lgeo {args.command}"), _run_log(root):
+            log.info("%s", line)
+            if warning:
+                log.warning("%s", warning)
+            outcomes = run_stages(config, target, force=tuple(args.force), echo=echo)
+    else:  # takes no lock and writes no log: process 0 owns the directory (`run_stages` follows it)
+        outcomes = run_stages(config, target, force=tuple(args.force), echo=echo)
     print("\nSummary")
     for o in outcomes:
         print(f"  {o.name:<9} {'done' if o.ran else 'skipped (complete)':<20} {o.seconds:8.1f} s")
@@ -227,6 +235,10 @@ def _export_sae(args: argparse.Namespace) -> int:
     return 0
 
 
+HEARTBEAT_S = 30
+"""How long jax.distributed's coordination service waits for a silent process before it ends the whole job, so
+a process killed mid-stage stops its peers within this time (jax's default is 100 s; heartbeats come from a
+native thread, so a busy Python process still sends them)."""
 TERM_GRACE_S = 30.0  # how long a SIGTERM waits for the main thread before the process ends anyway
 
 
@@ -270,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from lgeo_jax.stages import PeerFailed
+
     try:
         if args.command == "plan":
             return _plan(args)
@@ -287,6 +301,9 @@ def _main(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:  # bad input: one clear message, no traceback
         print(f"lgeo: error: {e}", file=sys.stderr)
         return 2
+    except PeerFailed as e:  # another process of the job failed: it printed why
+        print(f"lgeo: error: {e}", file=sys.stderr)
+        return 3
     except Exception as e:  # a bug: the run's log keeps the traceback (`_run_log`)
         print(f"lgeo: unexpected error: {type(e).__name__}: {e}\n(full traceback in the run's lgeo.log; "
               f"set LGEO_TRACEBACK=1 to print it)", file=sys.stderr)

@@ -3,12 +3,13 @@
 `StudyConfig` defines no setting itself: `model` is `lgeo_jax.model.ModelConfig`, `data` is
 `lgeo_jax.data.DataConfig`, `lora` / `train` / `extract` / `sae` / `analysis` / `report` are the configs
 of `lgeo_jax.lora`, `lgeo_jax.train`, `lgeo_jax.corpus`, `lgeo_jax.sae`, `lgeo_jax.analysis` and
-`lgeo_jax.report`. What lives here is what no single package can check: layers against the model's
-depth, splits the later stages need, sizes that involve the model and the SAE, (when asked) that the
-files the config points at exist, `mesh` (`lgeo_jax.sharding.MeshConfig`: how every stage splits the
-devices into data x fsdp x model; layout only, so no stage hash includes it), and `resources`: what the
-run may assume of the machine, which `lgeo run` compares with the plan's memory and disk before any stage
-starts (`lgeo_jax.stages`, a layer above, owns that check but cannot nest a section of its own here).
+`lgeo_jax.report` (`crosscoder`: `lgeo_jax.crosscoder`; `splice`: `lgeo_jax.analysis`). What lives here is
+what no single package can check: layers against the model's depth, splits the later stages need, sizes
+that involve the model and the SAE, (when asked) that the files the config points at exist, `mesh`
+(`lgeo_jax.sharding.MeshConfig`: how every stage splits the devices into data x fsdp x model; layout only,
+so no stage hash includes it), and `resources`: what the run may assume of the machine, which `lgeo run`
+compares with the plan's memory and disk before any stage starts (`lgeo_jax.stages`, a layer above, owns
+that check but cannot nest a section of its own here).
 
 Typical use::
 
@@ -23,7 +24,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from lgeo_jax.analysis import AnalysisConfig
+from lgeo_jax.analysis import AnalysisConfig, SpliceConfig
 from lgeo_jax.config import (
     REQUIRED,
     Problem,
@@ -50,7 +51,7 @@ from lgeo_jax.sae import SAETrainConfig
 from lgeo_jax.sharding import MeshConfig
 from lgeo_jax.train import TrainConfig
 
-SECTION_NAMES = ("model", "data", "lora", "train", "extract", "sae", "crosscoder", "analysis", "report")
+SECTION_NAMES = ("model", "data", "lora", "train", "extract", "sae", "crosscoder", "splice", "analysis", "report")
 """StudyConfig's hashable sections, in pipeline order (run_dir is where, not what)."""
 
 
@@ -82,6 +83,7 @@ class StudyConfig(Section):
     extract: ExtractConfig = field(ExtractConfig())
     sae: SAETrainConfig = field(SAETrainConfig())
     crosscoder: CrosscoderConfig = field(CrosscoderConfig())  # trains on sae.train_split, analysed on eval_split
+    splice: SpliceConfig = field(SpliceConfig())  # the evaluate stage, on analysis.eval_split prompts
     analysis: AnalysisConfig = field(AnalysisConfig())
     report: ReportConfig = field(ReportConfig())
     resources: ResourceConfig = field(ResourceConfig())

@@ -441,11 +441,13 @@ def stage_sae(ctx: Context) -> list[dict]:
     train_cfg = SAETrainConfig(width=f, steps=steps, batch_size=b, lr=lr, l1=l1, b_dec_init="zeros",
                                scale_batches=min(steps, 4), eval_rows=0, log_every=steps, eval_every=steps,
                                checkpoint_every=steps, base_saes=False)
+    bf16_cfg = dataclasses.replace(train_cfg, matmul_dtype="bfloat16")  # the same job with bf16 matmuls
     seeds, l1s = list(range(n_sae)), [l1] * n_sae
     counter = itertools.count()
-    run = lambda **kw: train_saes(source, sae_cfg, train_cfg, l1s, seeds, ctx.tmp / f"sae_{next(counter)}",
-                                  progress=False, plot=False, **kw)
+    run = lambda cfg=train_cfg, **kw: train_saes(source, sae_cfg, cfg, l1s, seeds, ctx.tmp / f"sae_{next(counter)}",
+                                                 progress=False, plot=False, **kw)
     first = run(stop_after=1)  # compiles the step; its metrics are the losses at init
+    run(bf16_cfg, stop_after=1)  # compiles the bf16 step
     scales = np.asarray([s.scale for s in first.saes], np.float32)
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     init = {k: np.asarray(v) for k, v in jax.vmap(lambda key: init_params(key, sae_cfg))(keys).items()}
@@ -453,8 +455,8 @@ def stage_sae(ctx: Context) -> list[dict]:
     kw = dict(steps=steps, batch_size=b, l1=l1, lr=lr, params=init, scales=scales, device=ctx.p.torch_device)
     out = {}
 
-    def ours() -> float:
-        out["jax"] = res = run()
+    def ours(name="jax", cfg=train_cfg) -> float:
+        out[name] = res = run(cfg)
         return n_sae * b / res.final_metrics[0]["tokens_per_s"] * steps  # the training loop's own timer
 
     def ref(name, fn):
@@ -464,7 +466,8 @@ def stage_sae(ctx: Context) -> list[dict]:
 
         return timed
 
-    fns = {"jax": ours, "bmm": ref("bmm", functools.partial(ref_sae.train_saes_bmm, remove_parallel_grad=True))}
+    fns = {"jax": ours, "jax_bf16": functools.partial(ours, "jax_bf16", bf16_cfg),
+           "bmm": ref("bmm", functools.partial(ref_sae.train_saes_bmm, remove_parallel_grad=True))}
     if ctx.p.saelens:
         fns["saelens"] = ref("saelens", ref_sae.train_saes_saelens)
     # No warm-up round: ours compiled in `first`; every side times its training loop only.
@@ -484,6 +487,18 @@ def stage_sae(ctx: Context) -> list[dict]:
         check("decoder rows: 1 - min over SAEs of the mean cosine to the reference's rows",
               1 - _mean_row_cosine(w_dec, out["bmm"].params["W_dec"]), _tol(ctx, 1e-7, 1e-2))],
         reference="torch, all SAEs in one baddbmm step, fused Adam", ref_kind="torch", flops=flops, shape=shape)]
+    loss16 = np.asarray([m["loss"] for m in out["jax_bf16"].final_metrics])
+    w16 = np.stack([s.params["W_dec"] for s in out["jax_bf16"].saes])  # [S, F, D]
+    rows.append(row("sae_train_bf16", times["jax_bf16"], times["bmm"], n_sae * b * steps, "SAE-tokens/s", [
+        # bf16 operands (8-bit mantissas) in every matmul against the float32 reference: the losses and rows
+        # differ by that rounding, not by float32 noise; measured at the cpu profile's shapes 9.3e-5 and 8.4e-9
+        # (float32: 1.2e-6 and 2e-13), the tolerances are ~10x that
+        check("bf16 vs the float32 reference: final-step loss, max relative difference",
+              np.max(np.abs(loss16 / out["bmm"].losses[:, -1] - 1)), 1e-3),
+        check("bf16 vs the float32 reference: decoder rows, 1 - min over SAEs of the mean cosine",
+              1 - _mean_row_cosine(w16, out["bmm"].params["W_dec"]), 1e-7)],
+        reference="torch float32, all SAEs in one baddbmm step (the sae_train reference)", ref_kind="torch",
+        flops=flops, shape=shape + ", ours with sae.matmul_dtype: bfloat16"))
     if ctx.p.saelens:
         rows.append(row("sae_train_saelens", times["jax"], times["saelens"], n_sae * b * steps, "SAE-tokens/s", [
             # SAELens' own trainer differs by design (decoder-norm L1, no renormalisation, clipping), so

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
-import platform
 import resource
 import subprocess
 import sys
 import time
+
+import benchlib
 
 M = N = 16_384  # latents per dictionary (width_16k)
 D = 3584  # Gemma-2-9B d_model
@@ -155,6 +155,35 @@ def case_top_subspace_gram_numpy():
     return {"seconds": secs, "flops": 2 * M * D * D, "base_mb": base, "value": float(np.abs(out).mean())}
 
 
+def case_top_subspace_subset_jax():
+    import jax
+
+    from lgeo_jax import geometry as geo
+
+    return _jax_case(
+        lambda: (
+            jax.jit(lambda w: geo.top_subspace(w, K, row_normalize=True, method="subset")),
+            (_decoder((M, D)),),
+            2 * M * D * D,
+        )
+    )
+
+
+def case_top_subspace_subset_scipy():
+    import numpy as np
+    import scipy.linalg
+
+    (w,) = _normal(1, (M, D))
+    base = _rss_mb()
+
+    def run():
+        wn = w / np.linalg.norm(w, axis=1, keepdims=True)
+        return scipy.linalg.eigh(wn.T @ wn, subset_by_index=(D - K, D - 1), check_finite=False)[1][:, ::-1].T
+
+    out, secs = _timed(run)
+    return {"seconds": secs, "flops": 2 * M * D * D, "base_mb": base, "value": float(np.abs(out).mean())}
+
+
 def case_top_subspace_svd_jax():
     import jax
 
@@ -274,6 +303,8 @@ CASES = {
     "max_cosine/torch": (case_max_cosine_torch, "torch float32, full cosine matrix then max"),
     "top_subspace_gram/jax": (case_top_subspace_gram_jax, f"top_subspace {M}x{D}, k={K}, gram+eigh"),
     "top_subspace_gram/numpy": (case_top_subspace_gram_numpy, "numpy float32 gram + eigh"),
+    "top_subspace_subset/jax": (case_top_subspace_subset_jax, f"top_subspace {M}x{D}, k={K}, gram + host subset eigh"),
+    "top_subspace_subset/scipy": (case_top_subspace_subset_scipy, "numpy float32 gram + scipy subset eigh (evr)"),
     "top_subspace_svd/jax": (case_top_subspace_svd_jax, f"top_subspace {SVD_SHAPE[0]}x{SVD_SHAPE[1]}, svd"),
     "top_subspace_svd/numpy": (case_top_subspace_svd_numpy, "numpy float32 thin SVD"),
     "principal_angles/jax": (case_principal_angles_jax, f"{PAIRS} pairs of {K}-dim subspaces of R^{D}, vmapped"),
@@ -297,21 +328,6 @@ def _run_one(name: str) -> dict:
     return result
 
 
-def _machine() -> str:
-    import jax
-    import numpy as np
-    import torch
-
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        platform.processor(),
-    )
-    return (
-        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, jax {jax.__version__} "
-        f"({jax.devices()[0].platform}), numpy {np.__version__}, torch {torch.__version__}"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=sorted(CASES), help="run one case in this process, print JSON")
@@ -321,8 +337,12 @@ def main() -> None:
         print(json.dumps(_run_one(args.case)))
         return
     rows = []
+    ceiling = benchlib.jax_matmul_gflops()
     for name in CASES:
-        proc = subprocess.run([sys.executable, __file__, "--case", name], capture_output=True, text=True, check=False)
+        # numpy / scipy / torch cases start without this machine's BLAS slow-downs (benchlib.SLOW_BLAS_VARS)
+        env = None if name.endswith("/jax") else benchlib.baseline_env()
+        proc = subprocess.run([sys.executable, __file__, "--case", name], capture_output=True, text=True, check=False,
+                              env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"bench case {name} failed:\n{proc.stderr[-3000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -334,17 +354,16 @@ def main() -> None:
         )
     jax_res = {name.split("/")[0]: res for name, res in rows if name.endswith("/jax")}
     lines = [
-        "# Geometry kernel benchmark",
-        "",
-        f"Machine: {_machine()}.",
         "Command: `python scripts/bench_geometry.py`. Times exclude JAX compilation (shown separately).",
+        f"JAX float32 2048^3 matmul ceiling measured at the start: {ceiling:.0f} GFLOP/s. numpy / scipy / torch cases "
+        f"run with {', '.join(benchlib.SLOW_BLAS_VARS)} unset (they slow OpenBLAS on this machine).",
         "Peak extra memory: JAX kernels = XLA temp buffers (compiled.memory_analysis(); inputs/outputs",
         "excluded); numpy/torch/streaming = max RSS of the case's own process minus its RSS with inputs.",
         "This 2-core machine is shared with other jobs: `load` is the 1-minute load average around the case;",
         "wall times are inflated and noisy whenever load > 2. CPU s (process CPU time, all threads) is far",
         "less sensitive to sharing, so the CPU-time ratio is the fairer comparison. Every implementation of",
         "a kernel gets the same float32 inputs (numpy RNG), so the `value` checksums should agree.",
-        "GFLOP/s = matmul work / wall time (ceilings on an idle machine: JAX float32 ~340, torch ~178).",
+        "GFLOP/s = matmul work / wall time.",
         "",
         "| case | what | wall s | CPU s | compile s | GFLOP/s | peak extra MB "
         "| ratio wall | ratio CPU | load | value |",
@@ -362,9 +381,7 @@ def main() -> None:
             f"{res['peak_extra_mb']:.0f} | {ratio_wall} | {ratio_cpu} | {res['load']:.1f} | {res['value']:.6g} |"
         )
     lines += ["", "Ratios = that implementation's time / the JAX kernel's time (>1: JAX is faster)."]
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    benchlib.write_markdown(args.out, "Geometry kernel benchmark", lines)
 
 
 if __name__ == "__main__":

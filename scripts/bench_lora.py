@@ -1,6 +1,7 @@
-"""Base + 4 adapters (ranks 4/8/16/32) in ONE jitted pass (whole batch, and micro-batched under XLA:CPU's fusion
-cliff as extraction runs it) vs (a) 5 separate JAX passes and (b) transformers + PEFT switching adapters, on the
-same mid-size random Gemma-2 and machine, at every batch shape from 1 x 32 to 16 x 256.
+"""Base + 4 adapters (ranks 4/8/16/32) in ONE jitted pass (whole batch; micro-batched as extraction runs it with
+`extract.micro_batch_tokens`' default; and with `auto`, the micro-batch tuned on the batch) vs (a) 5 separate JAX
+passes and (b) transformers + PEFT switching adapters, on the same mid-size random Gemma-2 and machine, at every
+batch shape from 1 x 32 to 16 x 256.
 
     python scripts/bench_lora.py                                  # the bench/lora.md table (quiet machine)
     python scripts/bench_lora.py --shapes 1x32,2x64 --layers 2 --no-peft --out /tmp/lora.md   # smoke run
@@ -22,7 +23,8 @@ from benchlib import interleaved_times, mid_size_hf_config, write_markdown
 from flax import nnx
 
 import lgeo_jax
-from lgeo_jax.lora import CPU_FUSION_TOKENS, micro_batch_size, stacked_lora
+from lgeo_jax.corpus import ExtractConfig
+from lgeo_jax.lora import micro_batch_size, stacked_lora, tune_micro_batch_tokens
 
 RANKS = (4, 8, 16, 32)
 SHAPES = "1x32,4x32,1x256,2x256,4x256,8x256,16x256"
@@ -67,25 +69,30 @@ def main() -> None:
         return m.run_blocks(x, positions, valid, n_layers=len(layers), capture=tuple(layers), lora=lora)[1]
 
     single = [stacked_lora(a, with_base=False) for a in adapters]
+    default_tokens = ExtractConfig().micro_batch_tokens  # what extraction runs unless the config says otherwise
     lines = [
         f"Mid-size random Gemma-2 (d_model 512, {args.layers} layers, 8 q / 4 kv heads, head_dim 64, MLP 2048), "
         f"float32, all {args.layers} layers captured; base + adapters of ranks {', '.join(map(str, RANKS))} on "
         f"q,k,v,o (non-zero B); median of {args.repeats} runs taken in turns after warm-up; load average at start "
-        f"{benchlib.load_average()[0]:.2f}. Micro-batched: slices of at most {CPU_FUSION_TOKENS} tokens x models per "
-        "call (`micro_batch_size`, what extraction runs).",
+        f"{benchlib.load_average()[0]:.2f}. Micro-batched: `extract.micro_batch_tokens` = {default_tokens} tokens x "
+        "models per call (`micro_batch_size`, extraction's default); auto: `extract.micro_batch_tokens: auto`, the "
+        "micro-batch `tune_micro_batch_tokens` picks on the batch (what extraction runs with `auto`).",
         "",
-        "| batch x seq | one pass (token-passes/s) | one pass, micro-batched | 5 separate passes | PEFT switching "
-        "| micro-batched / separate |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| batch x seq | one pass (token-passes/s) | one pass, micro-batched | one pass, auto | 5 separate passes "
+        "| PEFT switching | micro-batched / separate | auto / separate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for batch, seq in shapes:
         ids = np.random.default_rng(0).integers(0, 8192, (batch, seq))
         j_ids, t_ids = jax.numpy.asarray(ids), torch.as_tensor(ids)
-        micro = micro_batch_size(batch, seq, 1 + len(RANKS), CPU_FUSION_TOKENS)
+        n_models = 1 + len(RANKS)
+        micro = micro_batch_size(batch, seq, n_models, default_tokens)
 
         def one_pass(micro_batch=None, ids=ids):
             jax.block_until_ready(lgeo_jax.residuals(model, ids, layers=layers, adapters=stacked,
                                                      micro_batch=micro_batch))
+
+        auto = micro_batch_size(batch, seq, n_models, tune_micro_batch_tokens(one_pass, batch, seq, n_models))
 
         def separate_passes(ids=ids, j_ids=j_ids):
             jax.block_until_ready(lgeo_jax.residuals(model, ids, layers=layers))
@@ -100,14 +107,16 @@ def main() -> None:
                     peft_model.set_adapter(f"r{r}")
                     peft_model.base_model.model.model(t_ids, output_hidden_states=True)
 
-        fns = {"one": one_pass, "micro": lambda m=micro: one_pass(m), "sep": separate_passes}
+        fns = {"one": one_pass, "micro": lambda m=micro: one_pass(m), "auto": lambda m=auto: one_pass(m),
+               "sep": separate_passes}
         if not args.no_peft:
             fns["peft"] = peft_switching
         times = interleaved_times(fns, repeats=args.repeats)
-        rate = {k: ids.size * (1 + len(RANKS)) / v for k, v in times.items()}
+        rate = {k: ids.size * n_models / v for k, v in times.items()}
         peft_col = f"{rate['peft']:,.0f}" if "peft" in rate else "-"
-        lines.append(f"| {batch} x {seq} | {rate['one']:,.0f} | {rate['micro']:,.0f} (b={micro}) | {rate['sep']:,.0f} "
-                     f"| {peft_col} | **{rate['micro'] / rate['sep']:.2f}x** |")
+        lines.append(f"| {batch} x {seq} | {rate['one']:,.0f} | {rate['micro']:,.0f} (b={micro}) | {rate['auto']:,.0f} "
+                     f"(b={auto}) | {rate['sep']:,.0f} | {peft_col} | **{rate['micro'] / rate['sep']:.2f}x** | "
+                     f"**{rate['auto'] / rate['sep']:.2f}x** |")
         print(lines[-1], flush=True)
     print("\n".join(lines))
     write_markdown(args.out, "Multi-adapter residual extraction", lines)

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 MICRO = REPO / "configs" / "micro.yaml"
 # Tables a complete micro report must contain (Table 12 comes from micro's small L1 sweep).
 TABLES = ("table4", "table5", "table6", "table7", "table8", "table9", "table10", "table11", "table12",
-          "crosscoder")  # micro's crosscoders are on (a few seconds)
+          "crosscoder", "splice")  # micro's crosscoders and splice evaluation are on (a few seconds each)
 # Headline numbers that must carry `.ci_low` / `.ci_high` rows in every (adapter, layer) cell, and those of
 # Tables 9-11 that must carry a verdict `.vs_null` (issue 15's acceptance).
 HEADLINES = (("table4", "mean_norm"), ("table5", "difference.rel_l2"), ("table5", "direct.rel_l2"),
@@ -24,6 +24,9 @@ HEADLINES = (("table4", "mean_norm"), ("table5", "difference.rel_l2"), ("table5"
              ("table11", "null_base_adapted"), ("table11", "variance_ratio"))
 VERDICTS = (("table9", "delta_vs_dictionary.mean"), ("table9", "delta_vs_dictionary.mnn"),
             ("table10", "delta_vs_dictionary.mean"), ("table11", "delta_base"), ("table11", "base_adapted"))
+SPLICE_METRICS = ("kl_base_only", "kl_delta_sae", "kl_dictionary_difference", "kl_random_sae",
+                  "effect_recovered.delta_sae", "effect_recovered.dictionary_difference",
+                  "effect_recovered.random_sae", "ce.adapted", "ce.base", "ce.delta_sae")  # issue 16's rows
 _INTERVAL = re.compile(r"\d \[-?\d[\d.]*, -?\d[\d.]*\]")  # "0.123 [0.110, 0.131]"
 
 
@@ -92,5 +95,15 @@ def check_report(run_dir: Path) -> None:
              if r["table"] == "crosscoder" and r["metric"].endswith("random_init_classes.shared")}
     if crosscoders != nulls or "## Crosscoders between the base and adapted models" not in report:
         raise AssertionError("the crosscoder section or its random-init null is missing")
+    splice_cells = {(r["adapter"], r["layer"]) for r in rows if r["table"] == "splice"}
+    if splice_cells != cells or "## Splice evaluation" not in report:
+        raise AssertionError(f"splice evaluation covers {sorted(splice_cells)}, not every cell {sorted(cells)}")
+    for adapter, layer in cells:
+        for metric in SPLICE_METRICS:
+            for suffix in ("", ".ci_low", ".ci_high"):
+                if ("splice", adapter, layer, metric + suffix) not in keys:
+                    raise AssertionError(f"figures.json has no splice {metric}{suffix} for {adapter} L{layer}")
+        if ("splice", adapter, layer, "effect_recovered.delta_sae.vs_random") not in keys:
+            raise AssertionError(f"figures.json has no splice verdict for {adapter} L{layer}")
     if "## Training health of the SAEs" not in report:
         raise AssertionError("report.md does not open with the training-health section")

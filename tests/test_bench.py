@@ -12,10 +12,11 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
-STAGES = {"extract", "lora_train", "corpus_write", "corpus_read", "sae_train", "sae_train_saelens", "max_cosine",
-          "max_cosine_torch", "principal_angles", "principal_angles_torch", "linear_cka", "linear_cka_torch"}
-WITH_FLOPS = {"extract", "lora_train", "sae_train", "sae_train_saelens", "max_cosine", "max_cosine_torch",
-              "principal_angles", "principal_angles_torch", "linear_cka", "linear_cka_torch"}
+STAGES = {"extract", "lora_train", "corpus_write", "corpus_read", "sae_train", "sae_train_bf16", "sae_train_saelens",
+          "max_cosine", "max_cosine_torch", "principal_angles", "principal_angles_torch", "linear_cka",
+          "linear_cka_torch"}
+WITH_FLOPS = {"extract", "lora_train", "sae_train", "sae_train_bf16", "sae_train_saelens", "max_cosine",
+              "max_cosine_torch", "principal_angles", "principal_angles_torch", "linear_cka", "linear_cka_torch"}
 
 
 def _env():

@@ -1,6 +1,7 @@
 """Shuffled SAE batches from the corpus store; bad stores: corrupt, truncated or missing chunks,
 wrong dtype/shape on resume, a store from another config."""
 
+import collections
 import os
 import pathlib
 
@@ -60,6 +61,24 @@ def test_epoch_larger_than_buffer_each_row_once_shuffled():
     windows = np.asarray(seen).reshape(-1, 256)  # in-buffer shuffle mixes rows across a window's chunks
     assert all(len(set((w // 64).tolist())) == 4 for w in windows)
     assert not np.array_equal(again.rows[0], first.rows[0])
+
+
+def test_an_array_several_saes_read_is_read_once(tmp_path):
+    """The base stream that every adapter's crosscoder reads: each SAE gets its rows, from one read per window."""
+    values = synthetic_corpus("memory://shared/", 512, chunk_rows=64)
+    corpus = open_corpus("memory://shared/")
+    keys = [("base", 3), ("r4", 3), ("base", 3)]
+    with CorpusSource(corpus, "probe", keys, held_out_split="heldout", seed=2, buffer_rows=128) as source:
+        reads, array = collections.Counter(), corpus.array
+        corpus.array = lambda split, name, layer: reads.update([(name, layer)]) or array(split, name, layer)
+        for step in range(8):
+            batch = source.batch(step, 32)
+            for s, key in enumerate(keys):
+                np.testing.assert_array_equal(batch.x[s], values[("probe", *key)][batch.rows[s]])
+        assert reads[("base", 3)] == reads[("r4", 3)] > 0
+        held = source.held_out(20)
+        np.testing.assert_array_equal(held[0], held[2])
+        assert not np.array_equal(held[0], held[1])
 
 
 def test_shards_partition_each_global_batch():

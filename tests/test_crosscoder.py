@@ -8,7 +8,15 @@ import jax
 import numpy as np
 import pytest
 
-from lgeo_jax.analysis import CLASSES, analyze_crosscoder, closed_form_beta, latent_classes, latent_scaling, norm_diff
+from lgeo_jax.analysis import (
+    CLASSES,
+    analyze_crosscoder,
+    closed_form_beta,
+    latent_classes,
+    latent_scaling,
+    live_sae_rows,
+    norm_diff,
+)
 from lgeo_jax.config import ConfigError, from_dict
 from lgeo_jax.crosscoder import (
     CrossArch,
@@ -19,7 +27,7 @@ from lgeo_jax.crosscoder import (
     load_crosscoder,
     train_crosscoders,
 )
-from lgeo_jax.sae import ArraySource
+from lgeo_jax.sae import SAE, ArraySource, SAEConfig
 from lgeo_jax.sharding import make_mesh
 
 D, N_SHARED, N_BASE, N_ADAPTER = 24, 8, 4, 4
@@ -104,6 +112,22 @@ def _lstsq_beta(f, d, y):
     """Reference: per latent, np.linalg.lstsq of the [N*D] target on the single regressor f_t d."""
     return np.array([np.linalg.lstsq(np.outer(f[:, j], d[j]).reshape(-1, 1), y[j].reshape(-1), rcond=None)[0][0]
                      for j in range(d.shape[0])])
+
+
+def test_comparison_takes_the_delta_sae_live_rows_only():
+    """Latents that never fire on the deltas (a huge negative encoder bias) and one that fires on a single row of
+    1000 (below a density of 1e-2) are left out; the rows kept are the live ones, in order."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(D, 6)).astype(np.float32)
+    b_enc = np.zeros(6, np.float32)
+    b_enc[[1, 4]] = -1e6  # dead
+    delta = rng.normal(size=(1000, D)).astype(np.float32)
+    top2 = np.sort(delta @ w[:, 5])[-2:]
+    b_enc[5] = -top2.mean()  # fires on exactly one row: the largest pre-activation
+    sae = SAE(SAEConfig(d_in=D, d_sae=6), {"W_enc": w, "b_enc": b_enc, "W_dec": w.T.copy(),
+                                           "b_dec": np.zeros(D, np.float32)})
+    np.testing.assert_array_equal(live_sae_rows(sae, delta, 1e-2), w.T[[0, 2, 3]])
+    np.testing.assert_array_equal(live_sae_rows(sae, delta, 0.0), w.T[[0, 2, 3, 5]])
 
 
 def test_closed_form_beta_equals_lstsq():

@@ -17,7 +17,7 @@ def test_report_tables_complete_and_finite(micro_run):
 def test_rerun_skips_every_complete_stage(micro_run):
     proc = lgeo("run", "configs/micro.yaml", "--out", str(micro_run))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("complete, skipped") == 8
+    assert proc.stdout.count("complete, skipped") == 9
 
 
 def test_exported_sae_loads_in_saelens(micro_run, tmp_path):

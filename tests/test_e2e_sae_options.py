@@ -17,7 +17,7 @@ def rerun(micro_run, tmp_path, *settings: str):
     proc = lgeo("run", str(MICRO), "--out", str(out), *[a for s in settings for a in ("--set", s)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     reran = [line.split("]")[0][1:] for line in proc.stdout.splitlines() if line.endswith("running ...")]
-    assert reran == ["saes", "crosscoders", "analysis", "report"], proc.stdout
+    assert reran == ["saes", "crosscoders", "evaluate", "analysis", "report"], proc.stdout
     return out
 
 

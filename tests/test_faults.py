@@ -73,7 +73,7 @@ def test_sigterm_during_a_forced_rerun_restores_the_previous_output(micro_run, t
     assert "lgeo: terminated (SIGTERM); rerun the same command to resume" in stderr
     assert _snapshot(out) == before and _leftovers(out) == []
     again = lgeo("run", str(MICRO), "--out", str(out))
-    assert again.returncode == 0 and again.stdout.count("complete, skipped") == 8, again.stdout
+    assert again.returncode == 0 and again.stdout.count("complete, skipped") == 9, again.stdout
 
 
 def _tmpfs_namespace() -> bool:
@@ -135,7 +135,7 @@ def test_disk_full_during_a_forced_rerun_restores_the_previous_output_exactly(mi
     assert json.loads(read("after.json")) == before  # the finished corpus, byte for byte
     assert not [n for n in read("ls.txt").split() if ".tmp-" in n]
     assert read("again.rc").strip() == "0", read("again.err")[-3000:]
-    assert read("again.out").count("complete, skipped") == 8, read("again.out")
+    assert read("again.out").count("complete, skipped") == 9, read("again.out")
     again = json.loads(read("again.json"))
     assert again.pop("config.yaml") != before.pop("config.yaml")  # rewritten: it records the new run_dir
     assert again == before

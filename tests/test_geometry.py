@@ -137,7 +137,7 @@ def test_principal_angles_batched():
         np.testing.assert_allclose(ours[i], _scipy_angles_deg(u[i], v[i]), atol=_angle_atol_deg(u[i], v[i]), rtol=0)
 
 
-@pytest.mark.parametrize("method", ["gram", "svd"])
+@pytest.mark.parametrize("method", ["subset", "gram", "svd"])
 @pytest.mark.parametrize("row_normalize", [False, True])
 def test_top_subspace_spans_numpy_svd_subspace(row_normalize, method):
     rng = np.random.default_rng(6)
@@ -151,7 +151,7 @@ def test_top_subspace_spans_numpy_svd_subspace(row_normalize, method):
     np.testing.assert_allclose(basis.T @ basis, ref.T @ ref, atol=5e-6)  # same projector
 
 
-@pytest.mark.parametrize("method", ["gram", "svd"])
+@pytest.mark.parametrize("method", ["subset", "gram", "svd"])
 def test_top_subspace_small_singular_gap(method):
     """Decoder-like rows (random unit rows): the k-th singular gap is ~0.3%, so float32 can only pin the
     subspace to ~eps * s_1 / (s_k - s_k+1) ~ 1e-3 deg (gram: eps * s_1^2 / (s_k^2 - s_k+1^2), similar)."""
@@ -167,6 +167,22 @@ def test_top_subspace_batched_matches_per_item():
     for i, j in itertools.product(range(2), range(3)):
         ref = np.linalg.svd(w[i, j], full_matrices=False)[2][:4]
         np.testing.assert_allclose(batched[i, j].T @ batched[i, j], ref.T @ ref, atol=5e-6)
+
+
+def test_top_subspace_subset_rows_are_the_singular_vectors_in_order_under_vmap_and_map():
+    """The host subset solver returns each singular vector (up to sign) in descending order, as slicing a basis
+    to its first k rows (the analysis does) needs, also when traced under vmap or lax.map (the resampled angles)."""
+    w = _f32(np.random.default_rng(15).normal(size=(3, 41, 23)) * np.geomspace(10, 0.1, 23))
+    basis = np.asarray(geo.top_subspace(w, 5, method="subset"), np.float64)  # [3, 5, 23]
+    np.testing.assert_array_equal(np.asarray(geo.top_subspace(w[0], 5)), basis[0])  # auto: one matrix -> subset
+    for i in range(3):
+        ref = np.linalg.svd(w[i].astype(np.float64), full_matrices=False)[2][:5]
+        np.testing.assert_allclose(np.abs(np.sum(basis[i] * ref, axis=-1)), 1.0, atol=1e-5)
+    import jax
+
+    one = lambda x: geo.top_subspace(x, 5, method="subset")
+    np.testing.assert_array_equal(np.asarray(jax.vmap(one)(w)), basis)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: jax.lax.map(one, x))(w)), basis)
 
 
 def test_top_subspace_validates_k():

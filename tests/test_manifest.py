@@ -84,15 +84,16 @@ def test_changed_section_names_itself_and_every_downstream_stage(tmp_path):
     run = _run(tmp_path, _config("lora.dropout=0.1"))
     check = run.check("adapters")
     assert check.state is StageState.STALE and check.changed_sections == ("lora",)
-    assert check.invalidated == ("corpus", "saes", "crosscoders", "analysis", "report")
+    assert check.invalidated == ("corpus", "saes", "crosscoders", "evaluate", "analysis", "report")
     assert str(check) == ("adapters: stale (config section 'lora' changed); invalidates corpus, saes, crosscoders, "
-                          "analysis, report")
+                          "evaluate, analysis, report")
     states = _states(run)
     assert [s for s, v in states.items() if v is StageState.STALE] == [
         "adapters",
         "corpus",
         "saes",
         "crosscoders",
+        "evaluate",
         "analysis",
         "report",
     ]
@@ -104,7 +105,8 @@ def test_data_change_invalidates_everything_and_other_sections_nothing_upstream(
     _run_all(_run(tmp_path, _config()))
     assert set(_states(_run(tmp_path, _config("data.max_length=64"))).values()) == {StageState.STALE}
     states = _states(_run(tmp_path, _config("sae.l1=0.3")))
-    assert [s for s, v in states.items() if v is StageState.STALE] == ["saes", "crosscoders", "analysis", "report"]
+    assert [s for s, v in states.items() if v is StageState.STALE] == ["saes", "crosscoders", "evaluate", "analysis",
+                                                                       "report"]
 
 
 def test_operational_change_keeps_finished_work(tmp_path):
@@ -123,14 +125,15 @@ def test_rerun_upstream_makes_downstream_stale_by_fingerprint(tmp_path):
     assert run.manifest("corpus").fingerprint != old
     check = run.check("saes")
     assert check.state is StageState.STALE and check.reasons == ("input 'corpus' was rerun since",)
-    assert check.invalidated == ("crosscoders", "analysis", "report")
+    assert check.invalidated == ("crosscoders", "evaluate", "analysis", "report")
 
 
 def test_force_in_plan_marks_downstream(tmp_path):
     run = _run(tmp_path, _config())
     _run_all(run)
     states = _states(run, force=("saes",))
-    assert [s for s, v in states.items() if v is StageState.STALE] == ["saes", "crosscoders", "analysis", "report"]
+    assert [s for s, v in states.items() if v is StageState.STALE] == ["saes", "crosscoders", "evaluate", "analysis",
+                                                                       "report"]
     with pytest.raises(ValueError, match="unknown stage 'sea'"):
         run.plan(force=("sea",))
 
@@ -220,8 +223,8 @@ def test_corrupt_or_edited_manifest_is_stale(tmp_path):
 def test_custom_pipeline_order_is_checked(tmp_path):
     with pytest.raises(ValueError, match=r"stage 'b' reads \['c'\], which do not come before it"):
         Run(tmp_path, _config(), pipeline=(Stage("b", ("sae",), ("c",), print), Stage("c", ("sae",), (), print)))
-    assert [s.name for s in PIPELINE] == ["data", "base", "adapters", "corpus", "saes", "crosscoders", "analysis",
-                                           "report"]
+    assert [s.name for s in PIPELINE] == ["data", "base", "adapters", "corpus", "saes", "crosscoders", "evaluate",
+                                           "analysis", "report"]
 
 
 # ---- never replacing what lgeo did not write ---------------------------------------------------------
@@ -328,7 +331,7 @@ def test_config_values_read_across_sections_make_their_readers_stale(tmp_path):
     _run_all(_run(tmp_path, _config()))
     states = _states(_run(tmp_path, _config("report.plots=false")))
     assert [s for s, v in states.items() if v is StageState.STALE] == ["adapters", "corpus", "saes", "crosscoders",
-                                                                       "analysis",
+                                                                       "evaluate", "analysis",
                                                                        "report"]
     run = _run(tmp_path, _config("analysis.eval_split=probe"))
     assert run.check("saes").reasons == ("config value 'analysis.eval_split' changed",)

@@ -14,7 +14,7 @@ import jax
 import pytest
 import yaml
 
-from lgeo_jax.analysis import AnalysisConfig
+from lgeo_jax.analysis import AnalysisConfig, SpliceConfig
 from lgeo_jax.config import from_dict
 from lgeo_jax.corpus import ExtractConfig
 from lgeo_jax.crosscoder import CrosscoderConfig
@@ -40,7 +40,7 @@ from lgeo_jax.train import TrainConfig
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 PACKAGE_CONFIGS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig,
                    "extract": ExtractConfig, "sae": SAETrainConfig, "crosscoder": CrosscoderConfig,
-                   "analysis": AnalysisConfig, "report": ReportConfig}
+                   "splice": SpliceConfig, "analysis": AnalysisConfig, "report": ReportConfig}
 
 
 def test_every_section_has_a_package_config():
@@ -213,7 +213,8 @@ def _config_chains(source):
 
 
 STAGE_MODULES = {name: pathlib.Path(__file__).resolve().parents[1] / "lgeo_jax" / "stages" / f"_{name}.py"
-                 for name in ("data", "base", "adapters", "corpus", "saes", "crosscoders", "analysis", "report")}
+                 for name in ("data", "base", "adapters", "corpus", "saes", "crosscoders", "evaluate", "analysis",
+                              "report")}
 
 
 def test_direct_config_reads_of_every_stage_module_are_in_its_identity():
@@ -279,7 +280,8 @@ def test_a_rerun_says_on_stdout_which_stages_rerun_and_why(tmp_path):
     run_stages(changed, pipeline=_writing(), echo=lines.append)
     assert lines == ["[data] complete, skipped", "[base] complete, skipped", "[adapters] complete, skipped",
                      "[corpus] complete, skipped", "[saes] complete, skipped",
-                     "[crosscoders] complete, skipped", "[analysis] config section 'analysis' changed: rerunning ...",
+                     "[crosscoders] complete, skipped", "[evaluate] complete, skipped",
+                     "[analysis] config section 'analysis' changed: rerunning ...",
                      "[report] input 'analysis' will rerun: rerunning ..."]
 
 
@@ -336,6 +338,20 @@ def test_planned_sae_memory_uses_the_mesh_the_trainer_makes():
         n = (len(config.lora.ranks) + 1) * len(config.extract.layers) * len(config.sae.seeds)  # delta + base SAEs
         main = estimate_sae_memory(32, 64, n, config.sae.batch_size, default_mesh(n), arch=config.sae.architecture)
         assert stage_needs(config, jax.device_count())["saes"].device == main.total
+
+
+def test_planned_crosscoder_memory_is_an_sae_job_of_twice_the_width_input():
+    """A crosscoder job trains like SAEs of input [h_base; h_adapted]: the same estimate at d_in = 2 d_model,
+    on the mesh the trainer makes; off, the stage needs nothing."""
+    from lgeo_jax.sae import Arch, default_mesh, estimate_sae_memory
+
+    config = load_config(CONFIGS[0].parent / "micro.yaml", ["crosscoder.enabled=true", "crosscoder.seeds=[0, 1]"])
+    c = config.crosscoder
+    n = len(config.lora.ranks) * len(config.extract.layers) * 2
+    want = estimate_sae_memory(2 * 32, c.width, n, c.batch_size, default_mesh(n), arch=Arch.BATCHTOPK)
+    assert stage_needs(config, jax.device_count())["crosscoders"].device == want.total
+    off = load_config(CONFIGS[0].parent / "micro.yaml", ["crosscoder.enabled=false"])
+    assert stage_needs(off, jax.device_count())["crosscoders"].device == 0
 
 
 def test_run_stages_holds_the_run_directory_lock(tmp_path):

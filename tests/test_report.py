@@ -17,6 +17,7 @@ import pytest
 from lgeo_jax.analysis import ERROR_NAMES
 from lgeo_jax.corpus import BASE_NAME, CATEGORY_NAMES, META_FIELDS, CorpusLayout, SplitStats, store_url, summarize
 from lgeo_jax.corpus._store import claim_store, open_corpus_arrays
+from lgeo_jax.lora import init_adapters, save_adapter
 from lgeo_jax.report import FIGURES_CSV, FIGURES_JSON, REPORT_FILE
 from lgeo_jax.sae import SAE, SAEConfig, init_params, load_sae, save_sae
 from lgeo_jax.stages import (
@@ -43,7 +44,8 @@ GS_L0 = {1: 11, 3: 13}
 ROWS = {"probe": 96, "heldout": 1100}  # > 1024 held-out rows: two evaluation batches, the second partial
 TOKENS_PER_PROMPT = 11  # held-out rows 11 p .. 11 p + 10 are prompt p's tokens (the corpus' sample_index)
 FAST = ("analysis.null_samples=20", "analysis.n_boot=100", "analysis.subspace_boot=20",  # the minimum counts
-        "crosscoder.batch_size=32", "crosscoder.steps=20", "crosscoder.eval_rows=64")  # fits the hand-built corpus
+        "crosscoder.batch_size=32", "crosscoder.steps=20", "crosscoder.eval_rows=64",  # fits the hand-built corpus
+        "splice.enabled=false")  # the hand-built base checkpoint has no weights to splice (tests/test_splice.py)
 
 
 def make_config(root: pathlib.Path, gs_dir: pathlib.Path, *extra: str):
@@ -166,9 +168,10 @@ def handmade(rows=ROWS, health=True):
         stage.update(n_params=N_PARAMS)
 
     def adapters(config, stage, run):
-        for path in adapter_dirs(run, config):
-            path.mkdir(parents=True)
-            (path / "adapter_config.json").write_text("{}")
+        # random LoRA factors of the tiny shape: the analysis reads them for the LoRA-span linkage
+        stack = init_adapters(config.model.builtin.with_vocab(16), config.lora.adapter_specs(), random_b=True)
+        for i, path in enumerate(adapter_dirs(run, config)):
+            save_adapter(stack, path, index=i)
         (stage.path / "summary.json").write_text(json.dumps({"adapters": {
             f"r{r}": {"rank": r, "trainable_params": 672 * r, "final_train_loss": 2.0 - 0.01 * r,
                       "heldout_loss_before": 1.9, "heldout_loss_after": 1.8} for r in RANKS}}))
@@ -373,6 +376,7 @@ def test_report_files(finished):
     figures = json.loads((out / FIGURES_JSON).read_text())
     crosscoder = figures["results"].pop("crosscoder")  # the report stage adds the crosscoders stage's record
     assert crosscoder["enabled"] and len(crosscoder["crosscoders"]) == len(config.lora.ranks) * len(LAYERS)
+    assert figures["results"].pop("splice") == {"enabled": False}  # and the evaluate stage's
     assert figures["results"] == results and len(figures["rows"]) == len(rows) - 1
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert {"max_cosine_hist.png", "principal_angles.png", "cka_by_layer.png", "heatmap_table9.png",

@@ -81,3 +81,54 @@ def test_two_processes_share_one_mesh_and_match_one_device(tmp_path):
             assert np.abs(np.asarray(values) - ref_h[:, :, start:stop]).max() < 5e-6 * np.abs(ref_h).max()
             covered.update(range(start, stop))
     assert covered == set(range(ref_h.shape[2]))  # together the two processes hold every batch row
+
+
+LOAD_CHILD = """
+import json, sys
+process_id, port, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+import lgeo_jax
+from lgeo_jax.model import CheckpointError
+from lgeo_jax.sharding import MeshConfig
+try:
+    model = lgeo_jax.load_model(path, mesh=MeshConfig(fsdp=8).build())
+except CheckpointError as error:
+    print("RESULT " + json.dumps({"error": str(error)}))
+else:
+    cols = sorted({(s.index[1].start, s.index[1].stop) for s in model.embed[...].addressable_shards})
+    print("RESULT " + json.dumps({"embed_columns": cols}))
+"""
+
+
+def test_each_process_reads_only_the_bytes_of_its_own_shards(tmp_path):
+    """A NaN planted in one column of the embedding, sharded over 8 devices of 2 processes: the process whose
+    devices hold that column reports the tensor, the other loads without error — it never read those bytes."""
+    from safetensors.numpy import load_file, save_file
+
+    import lgeo_jax
+    from lgeo_jax.model import Gemma2Config
+
+    cfg = Gemma2Config(vocab_size=64, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, mlp_dim=64,
+                       layer_types=("full_attention",))
+    lgeo_jax.save_model(lgeo_jax.init_model(cfg), tmp_path / "model")
+    tensors = load_file(tmp_path / "model" / "model.safetensors")
+    bad_column = 30
+    tensors["model.embed_tokens.weight"][5, bad_column] = np.nan
+    save_file(tensors, tmp_path / "model" / "model.safetensors")
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    children = [subprocess.Popen([sys.executable, "-c", LOAD_CHILD, str(i), str(port), str(tmp_path / "model")],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = []
+    for child in children:
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err[-3000:]
+        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    failed = [r for r in results if "error" in r]
+    loaded = [r for r in results if "embed_columns" in r]
+    assert len(failed) == len(loaded) == 1, results
+    assert "tensor 'model.embed_tokens.weight' contains NaN" in failed[0]["error"]
+    assert all(not start <= bad_column < stop for start, stop in loaded[0]["embed_columns"])
+    assert sum(stop - start for start, stop in loaded[0]["embed_columns"]) == cfg.d_model // 2  # half the columns

@@ -11,8 +11,10 @@ Typical use (the `analysis` stage does this per layer)::
 Definitions follow docs/conventions.md: both reconstruction errors (rel_l2 mean-of-ratios and pooled, fvu)
 on the same held-out tokens for the dictionary, its zero-input and mean-delta baselines and the delta
 SAEs; Table 8 with and without latents that fire on a zero input, beside chance and shuffled-token nulls;
-max-cosine, mutual nearest neighbours and principal angles (at several k) beside random-direction,
-random-init, seed-to-seed and base-base comparisons; CKA with a whole-split shuffled null. Every number
+max-cosine, mutual nearest neighbours, one-to-one (Hungarian) matching and principal angles (at several k)
+beside random-direction, random-init, seed-to-seed and base-base comparisons; CKA with a whole-split shuffled
+null; the LoRA-weight linkage (`lora_span`: δ against the subspace the adapter's o_proj / down_proj factors can
+write into, beside random subspaces of the same dimension). Every number
 is `{"value", "ci_low", "ci_high"}` (prompt bootstrap for Tables 4-8 and 11, latents and seeds for 9-10),
 headline numbers of Tables 9-11 with a `vs_null` verdict.
 """
@@ -28,6 +30,7 @@ from lgeo_jax.analysis._crosscoder import (
     decoder_cosine,
     latent_classes,
     latent_scaling,
+    live_sae_rows,
     norm_diff,
     random_init_decoders,
 )
@@ -40,6 +43,7 @@ from lgeo_jax.analysis._dictionary import (
     compare,
     count_rows,
     live_rows,
+    matched_cosine,
     row_stats,
     spectrum,
     subspace,
@@ -47,6 +51,7 @@ from lgeo_jax.analysis._dictionary import (
     subspace_resamples,
 )
 from lgeo_jax.analysis._layer import CKA_PAIRS, LayerSAEs, analyze_layer, firing_key, measure
+from lgeo_jax.analysis._lora_span import WRITE_TARGETS, LoraSpan, lora_span, span_record, write_matrices
 from lgeo_jax.analysis._nulls import NullCache, random_init_decoder
 from lgeo_jax.analysis._prompt_tables import (
     ERROR_NAMES,
@@ -55,15 +60,18 @@ from lgeo_jax.analysis._prompt_tables import (
     improvement,
     named_bootstrap,
 )
+from lgeo_jax.analysis._splice import SPLICES, SpliceConfig, splice_metrics, splice_record, splice_sums, splices_for
 from lgeo_jax.analysis._tokens import RECONS, DeviceSAE, FiringCounts, adapter_pass, base_pass, firing_counts
 
 __all__ = [
+    "SPLICES", "SpliceConfig", "splice_metrics", "splice_record", "splice_sums", "splices_for",
     "ANGLE_STATS", "CKA_PAIRS", "CLASSES", "analyze_crosscoder", "closed_form_beta", "compare_adapter_only",
-    "decoder_cosine", "latent_classes", "latent_scaling", "norm_diff", "random_init_decoders",
+    "decoder_cosine", "latent_classes", "latent_scaling", "live_sae_rows", "norm_diff", "random_init_decoders",
     "ERROR_NAMES", "GEMMA_SCOPE_9B_L0", "RECONS", "ROW_STATS", "AnalysisConfig",
     "Comparison", "DeviceSAE", "FiringCounts", "LayerSAEs", "NullCache", "PromptCKA", "PromptGrid",
     "adapter_intervals", "adapter_metrics", "adapter_pass", "analyze_layer", "angle_stats", "base_pass", "compare",
-    "count_rows", "density_trends", "firing_counts", "firing_key", "improvement", "live_rows", "measure",
-    "named_bootstrap", "random_init_decoder", "row_stats", "spectrum", "subspace", "subspace_k", "subspace_resamples",
+    "count_rows", "density_trends", "firing_counts", "firing_key", "improvement", "live_rows", "LoraSpan",
+    "lora_span", "matched_cosine", "measure", "named_bootstrap", "span_record", "WRITE_TARGETS", "write_matrices",
+    "random_init_decoder", "row_stats", "spectrum", "subspace", "subspace_k", "subspace_resamples",
     "table2", "table4", "table12",
 ]

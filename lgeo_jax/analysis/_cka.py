@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +121,7 @@ class PromptCKA:
         self.grid = grid
         self._grids: dict[str, jax.Array] = {}
         self._sums: dict[str, jax.Array] = {}
+        self._squares: dict[str, np.ndarray] = {}  # name -> [P] sum of ||xt||^2 per prompt (float64)
         self._gram: dict[tuple[str, str], np.ndarray] = {}
         for name, x in arrays.items():
             x = np.asarray(x)
@@ -130,6 +131,8 @@ class PromptCKA:
             padded = jnp.asarray(grid.pad(centred))  # [P, L, D]
             self._grids[name] = padded
             self._sums[name] = jnp.sum(padded, axis=1)  # [P, D]
+            squares = np.sum(np.square(centred, dtype=np.float64), axis=1)  # [T]
+            self._squares[name] = np.where(grid.slots >= 0, squares[np.maximum(grid.slots, 0)], 0.0).sum(axis=1)
         self._n_tokens = jnp.asarray(grid.counts, jnp.float32)  # [P]
 
     def gram(self, a: str, b: str) -> np.ndarray:
@@ -153,15 +156,45 @@ class PromptCKA:
         bounds clipped to CKA's range [0, 1], resamples kept (for `lgeo_jax.stats.bias_corrected`)."""
         names = sorted({n for pair in pairs.values() for n in pair})
         squares = sorted({tuple(sorted(pair)) for pair in pairs.values()} | {(n, n) for n in names})
-        grams = {key: self.gram(*key) for key in squares}
-        p, length = self.grid.slots.shape
-        per_resample = 4 * p * length * len(names)
-        point = {label: _cka({k: np.array([np.sum(g)]) for k, g in grams.items()}, x, y)[0]
+        point = {label: _cka({k: np.array([np.sum(self.gram(*k))]) for k in squares}, x, y)[0]
                  for label, (x, y) in pairs.items()}
         samples: dict[str, list[np.ndarray]] = {label: [] for label in pairs}
+        for squared, _ in self._resampled(names, squares, n_boot=n_boot, seed=seed):
+            for label, (x, y) in pairs.items():
+                samples[label].append(_cka(squared, x, y))
+        out = {}
+        for label in pairs:
+            iv = interval_from_samples(point[label], np.concatenate(samples[label]), level=level,
+                                       method=Method.BASIC_PROMPT_BOOTSTRAP, n_units=self.grid.n_prompts,
+                                       keep_samples=True, basic=True)
+            out[label] = dataclasses.replace(iv, low=np.clip(iv.low, 0.0, 1.0), high=np.clip(iv.high, 0.0, 1.0))
+        return out
+
+    def participation_ratio(self, name: str, *, n_boot: int, seed: int, level: float = 0.95) -> Interval:
+        """Participation ratio (tr C)^2 / ||C||_F^2 of the covariance C of array `name` (its effective rank), with
+        the same basic prompt-bootstrap interval as CKA, from the same resamples (so the two are paired).
+
+        tr C(w) = sum_p w_p q_p - ||s(w)||^2 / n(w) with q_p = sum_{t in p} ||xt_t||^2, and ||C(w)||^2 as in the
+        module docstring; both are scale-free in the ratio, so no 1 / n(w) is needed. Basic, not percentile: a
+        resample repeats prompts, so its covariance has fewer distinct tokens and a more spread spectrum, and
+        its participation ratio is biased low, as CKA is biased high.
+        """
+        point = np.sum(self._squares[name]) ** 2 / np.sum(self.gram(name, name))
+        samples = [trace[name] ** 2 / squared[(name, name)]
+                   for squared, trace in self._resampled([name], [(name, name)], n_boot=n_boot, seed=seed)]
+        return interval_from_samples(point, np.concatenate(samples), level=level,
+                                     method=Method.BASIC_PROMPT_BOOTSTRAP, n_units=self.grid.n_prompts,
+                                     keep_samples=True, basic=True)
+
+    def _resampled(self, names: Sequence[str], squares: Sequence[tuple[str, str]], *, n_boot: int,
+                   seed: int) -> Iterator[tuple[dict[tuple[str, str], np.ndarray], dict[str, np.ndarray]]]:
+        """Per chunk of b prompt resamples (`resample_counts`): `{(a, b): ||C_ab(w)||^2 [b]}` and each array's
+        `{name: tr C(w) [b]}`, float64."""
+        grams = {key: self.gram(*key) for key in squares}
+        p, length = self.grid.slots.shape
         sums = {n: self._sums[n] for n in names}
         grids = {n: self._grids[n] for n in names}
-        for counts in resample_counts(p, n_boot, seed=seed, bytes_per_resample=per_resample,
+        for counts in resample_counts(p, n_boot, seed=seed, bytes_per_resample=4 * p * length * len(names),
                                       chunk_bytes=_CHUNK_BYTES):
             w64 = counts.astype(np.float64)  # [b, P]
             w = jnp.asarray(counts, jnp.float32)
@@ -173,14 +206,7 @@ class PromptCKA:
                 quad = np.einsum("bp,pq,bq->b", w64, grams[(a, b)], w64)  # [b]
                 cross = np.asarray(_cross(w, proj[a], proj[b]), np.float64)  # [b]
                 squared[(a, b)] = quad - 2.0 * cross / n_w + norms[a] * norms[b] / n_w**2
-            for label, (x, y) in pairs.items():
-                samples[label].append(_cka(squared, x, y))
-        out = {}
-        for label in pairs:
-            iv = interval_from_samples(point[label], np.concatenate(samples[label]), level=level,
-                                       method=Method.BASIC_PROMPT_BOOTSTRAP, n_units=p, keep_samples=True, basic=True)
-            out[label] = dataclasses.replace(iv, low=np.clip(iv.low, 0.0, 1.0), high=np.clip(iv.high, 0.0, 1.0))
-        return out
+            yield squared, {n: w64 @ self._squares[n] - norms[n] / n_w for n in names}
 
 
 def _cka(squared: Mapping[tuple[str, str], np.ndarray], x: str, y: str) -> np.ndarray:

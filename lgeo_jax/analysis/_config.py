@@ -53,6 +53,12 @@ class AnalysisConfig(Section):
                                                                       2 * s.subspace_k})),
                                      check=nonempty_distinct(greater(0)))
     active_threshold: float = field(0.0, check=at_least(0))
+    # LoRA-span linkage: directions of the adapters' stacked write matrices whose singular value is below this
+    # fraction of the largest are numerical noise, not part of the span (float32 factors: ~1e-7 relative)
+    span_rtol: float = field(1e-4, check=in_range(0.0, 1.0, hi_open=True))
+    # Table 9's one-to-one matching and its two nulls: 1 + 2 x null_samples Hungarian assignments per seed and
+    # cell; at 16,384 x 16,384 each takes ~35 s of one CPU core (bench/matching.md), ~25 min per cell
+    matching: bool = field(True)
     # a latent is live (Tables 9-10) when it fires on more than this fraction of its SAE's training tokens
     live_density: float = field(1e-5, check=in_range(0.0, 1.0, hi_open=True))
     null_samples: int = field(MIN_NULL_DRAWS, check=at_least(MIN_NULL_DRAWS))  # Monte Carlo draws per null

@@ -23,8 +23,10 @@ import numpy as np
 from jaxtyping import Float
 
 from lgeo_jax.analysis._layer import measure
+from lgeo_jax.analysis._tokens import DeviceSAE, firing_counts
 from lgeo_jax.crosscoder import Crosscoder, CrosscoderConfig, init_params
 from lgeo_jax.geometry import hungarian_match, max_cosine, null_matching, null_max_cosine
+from lgeo_jax.sae import SAE
 from lgeo_jax.stats import bootstrap_items, null_interval, vs_null
 
 CLASSES = ("base_only", "shared", "adapter_only", "other")
@@ -99,13 +101,21 @@ def random_init_decoders(d_in: int, cfg: CrosscoderConfig, *, seed: int, draw: i
     return np.asarray(init_params(key, d_in, cfg)["W_dec"]).reshape(cfg.width, 2, d_in)
 
 
+def live_sae_rows(sae: SAE, delta: Float[np.ndarray, "N D"], min_density: float) -> Float[np.ndarray, "M D"]:
+    """The decoder rows of the latents of `sae` that are live on `delta` (fire on more than `min_density` of its
+    rows): dead latents' rows would dilute the comparison, as Table 9 leaves them out."""
+    counts = firing_counts([delta], {"sae": DeviceSAE(sae)})["sae"]
+    return np.asarray(sae.params["W_dec"], np.float32)[counts.live(min_density)]
+
+
 def compare_adapter_only(directions: Float[np.ndarray, "J D"], sae_rows: Float[np.ndarray, "M D"],
                          cfg: CrosscoderConfig, *, null_samples: int, seed: int, n_boot: int,
                          level: float) -> dict:
-    """Max-cosine and matching of adapter-only directions against delta-SAE decoder rows, beside nulls."""
+    """Max-cosine and matching of adapter-only directions against delta-SAE decoder rows (its live ones, as
+    the stage passes them), beside nulls."""
     j, (m, d) = directions.shape[0], sae_rows.shape
-    if j == 0:
-        return {"n_latents": 0}
+    if j == 0 or m == 0:  # nothing to compare: no adapter-only latent, or a delta SAE without live rows
+        return {"n_latents": j, "sae_rows": m}
     mc = np.asarray(max_cosine(directions, sae_rows), np.float64)  # [J]
     matched = float(np.mean(hungarian_match(directions, sae_rows)[2], dtype=np.float64))
     est = bootstrap_items(mc, n_boot=n_boot, seed=seed, level=level)
@@ -118,7 +128,7 @@ def compare_adapter_only(directions: Float[np.ndarray, "J D"], sae_rows: Float[n
         init_mc.append(np.mean(np.asarray(max_cosine(dec[:, 1] - dec[:, 0], sae_rows), np.float64)))
     null_random, null_init = null_interval(random_mc, level=level), null_interval(np.array(init_mc), level=level)
     null_match = null_interval(random_match, level=level)
-    return {"n_latents": j,
+    return {"n_latents": j, "sae_rows": m,
             "max_cosine": {**measure(est), "vs_null": vs_null(est, null_random),
                            "vs_random_init": vs_null(est, null_init)},
             "null_random": measure(null_random), "null_random_init": measure(null_init),

@@ -2,7 +2,8 @@
 
 Table 9: for each live row of dictionary A, the max over rows of B of the signed cosine between unit
 rows (|cos| as a variant) and whether the two are mutual nearest neighbours; summarised by mean, median,
-% below 0.3, % above 0.7 (the paper's cuts), mean |cos| and the mutual-nearest fraction (`ROW_STATS`).
+% below 0.3, % above 0.7 (the paper's cuts), mean |cos| and the mutual-nearest fraction (`ROW_STATS`);
+beside them the one-to-one matching's cosines (`matched_cosine`), where no row of B serves two rows of A.
 Table 10: principal angles between the top-k right singular subspaces of the row-normalised decoders
 (uncentred SVD) for each k of a sweep, summarised by mean, smallest, % >= near_orthogonal and % <=
 aligned (`ANGLE_STATS`), beside the share of A's spectrum (energy) in its top k.
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Float
 
-from lgeo_jax.geometry import max_cosine, normalize_rows, principal_angles, top_subspace
+from lgeo_jax.geometry import hungarian_match, max_cosine, normalize_rows, principal_angles, top_subspace
 from lgeo_jax.stats import resample_counts
 
 COS_LOW, COS_HIGH = 0.3, 0.7  # Table 9's "% < 0.3" and "% > 0.7"
@@ -87,6 +88,12 @@ def spectrum(rows: Float[np.ndarray, "F D"]) -> Float[np.ndarray, " D"]:
     gram = jnp.einsum("md,me->de", unit, unit, precision=jax.lax.Precision.HIGHEST)  # [D, D]
     values = np.asarray(jnp.linalg.eigvalsh(gram), np.float64)[::-1]
     return np.maximum(values, 0.0) / int(live.sum())  # the trace of the Gram of unit rows is their count
+
+
+def matched_cosine(a_rows: Float[np.ndarray, "F D"], b_rows: Float[np.ndarray, "N D"], chunk: int) -> np.ndarray:
+    """[A] cosines of the one-to-one matching of A's live rows to B's that maximises their total
+    (`lgeo_jax.geometry.hungarian_match`; A = min of the live counts): unlike max-cosine, no row of B serves two."""
+    return hungarian_match(a_rows, b_rows, chunk=chunk)[2].astype(np.float64)
 
 
 def mutual_nearest(a_rows: np.ndarray, b_rows: np.ndarray, a_to_b: np.ndarray, chunk: int) -> np.ndarray:

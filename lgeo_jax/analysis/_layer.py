@@ -12,6 +12,10 @@ adds `"vs_null"`: +1 / -1 / 0 when its interval lies above / below / overlaps it
   seed_to_seed                          every ordered pair of seeds: an agreement *ceiling*, not a null
   base_vs_dictionary                    SAEs trained on h_base against the dictionary (base-base)
   Table 8 shuffled / Table 11 null      delta of a random other token of the whole split (one permutation)
+Table 9 also carries the one-to-one numbers under their own names: `matched_cosine` (mean cosine of the Hungarian
+matching of live delta rows to dictionary rows; latent bootstrap over matched pairs and seeds, the matching held
+fixed) and `mutual_nearest` (the mutual-nearest fraction), each with `null` (random directions) and `random_init`.
+With the adapters' write spans, each cell gains `lora_span` (`lgeo_jax.analysis._lora_span`).
 Live latents are decided on the SAE's training split (`live_density`).
 """
 
@@ -31,12 +35,14 @@ from lgeo_jax.analysis._dictionary import (
     compare,
     count_rows,
     live_rows,
+    matched_cosine,
     row_stats,
     spectrum,
     subspace,
     subspace_k,
     subspace_resamples,
 )
+from lgeo_jax.analysis._lora_span import LoraSpan, span_record
 from lgeo_jax.analysis._nulls import NullCache, expected_random_directions, subspace_limit
 from lgeo_jax.analysis._prompt_tables import adapter_intervals, base_metrics, named_bootstrap
 from lgeo_jax.analysis._tokens import T8_VARIANTS, DeviceSAE, FiringCounts, adapter_pass, base_pass
@@ -161,6 +167,22 @@ class _Geometry:
         cap = min(counts)
         return k, sorted({k, *(min(x, cap) for x in self.config.k_sweep)})
 
+    def _matched(self, rows: Mapping[int, np.ndarray], m: Mapping[int, int], widths: Mapping[int, int]) -> dict:
+        """One-to-one: each dictionary row serves one delta row at most (Hungarian), beside random-init and
+        random-direction nulls; latent bootstrap over matched pairs and seeds, the matching held fixed."""
+        c, seeds = self.config, list(rows)
+        matched = {s: bootstrap_items(matched_cosine(rows[s], self.dict_rows, c.max_cosine_chunk), n_boot=c.n_boot,
+                                      seed=c.boot_seed, level=c.confidence, keep_samples=True) for s in seeds}
+        estimate = bootstrap_groups(np.stack([matched[s].point for s in seeds]),
+                                    np.stack([matched[s].samples for s in seeds]), seed=c.boot_seed,
+                                    level=c.confidence)
+        init = null_interval(np.mean([self.nulls.random_init_matching(f"L{self.layer}", widths[s], m[s],
+                                                                      self.dict_rows) for s in seeds], axis=0),
+                             level=c.confidence)
+        random = null_interval(np.mean([self.nulls.random_matching(m[s], self.n_dict, self.d) for s in seeds],
+                                       axis=0), level=c.confidence)
+        return {**_with_verdict(estimate, init, random=random), "null": measure(random), "random_init": measure(init)}
+
     def adapter(self, rows: Mapping[int, np.ndarray], widths: Mapping[int, int]) -> tuple[dict, dict, dict, dict]:
         """Table 9, Table 10, the k sweep and the plots' arrays of one adapter from its seeds' live decoder rows."""
         c = self.config
@@ -191,6 +213,7 @@ class _Geometry:
         random_angles = {k: _nulls_of(self.nulls.random_subspaces(k, self.d)[0], ANGLE_STATS, c.confidence)
                          for k in ks}
         exact = [expected_random_directions(m[s], self.n_dict, self.d) for s in seeds]
+        mnn = ROW_STATS.index("mnn")
 
         t9 = {"seeds": seeds, "width": {str(s): widths[s] for s in seeds}, "live": {str(s): m[s] for s in seeds},
               "dead_fraction": {str(s): 1.0 - m[s] / widths[s] for s in seeds}, "dictionary_rows": self.n_dict,
@@ -199,7 +222,12 @@ class _Geometry:
                                       for i, name in enumerate(ROW_STATS)},
               "random_init": {name: measure(v) for name, v in init_rows.items()},
               "random_directions": {**{name: measure(v) for name, v in random_rows.items()},
-                                    "expected": {k: float(np.mean([e[k] for e in exact])) for k in exact[0]}}}
+                                    "expected": {k: float(np.mean([e[k] for e in exact])) for k in exact[0]}},
+              "mutual_nearest": {**_with_verdict(estimate_rows[mnn], init_rows["mnn"], random=random_rows["mnn"]),
+                                 "null": measure(random_rows["mnn"]), "random_init": measure(init_rows["mnn"]),
+                                 "expected": float(np.mean([e["mnn"] for e in exact]))}}
+        if c.matching:
+            t9["matched_cosine"] = self._matched(rows, m, widths)
         pairs = self._pairs(rows, k_head, basis)
         t9 |= {name: {**{n: measure(g[i]) for i, n in enumerate(ROW_STATS)}, **info}
                for name, (g, _, info) in pairs.items()}
@@ -261,13 +289,15 @@ class _Geometry:
 
 def analyze_layer(layer: int, saes: LayerSAEs, h_base: np.ndarray, sample_index: np.ndarray,
                   delta_of: Callable[[str], np.ndarray], firing: Mapping[str, FiringCounts], config: AnalysisConfig,
-                  nulls: NullCache, *, on_tokens: Callable[[int], None] = lambda n: None,
+                  nulls: NullCache, *, spans: Mapping[str, LoraSpan] | None = None,
+                  on_tokens: Callable[[int], None] = lambda n: None,
                   on_phase: Callable[[str], None] = lambda text: None) -> tuple[dict, dict]:
     """One layer's record `{"base": ..., "dictionary": ..., "adapters": {name: {table4..table11, ...}}}` and raw
     arrays keyed `"<adapter>/<comparison>/<what>"` (plus per-prompt L0 sums for the density trend).
 
     `h_base` [T, D] and `delta_of(adapter)` [T, D] are the evaluation split's rows, `sample_index` [T] their
-    prompts; `firing` holds every SAE's firing counts on its training split (`firing_key`). Progress:
+    prompts; `firing` holds every SAE's firing counts on its training split (`firing_key`). With `spans` (adapter
+    -> its write span by this layer, `lora_span`) each adapter's cell gains the `lora_span` record. Progress:
     `on_tokens(n)` after each batch of the token passes, `on_phase(text)` when a part begins (for a progress bar).
     """
     d_model = h_base.shape[1]
@@ -305,9 +335,9 @@ def analyze_layer(layer: int, saes: LayerSAEs, h_base: np.ndarray, sample_index:
                             on_batch=on_tokens)
         on_phase(f"{adapter}: bootstrap and CKA")
         iv = adapter_intervals(sums, **boot)
-        cka = PromptCKA(grid, {"h_base": h_base, "delta": delta, "h_adapted": h_base + delta,
-                               "partner": delta[partner], "partner_adapted": h_base + delta[partner]}
-                        ).intervals(CKA_PAIRS, **boot)
+        prompt_cka = PromptCKA(grid, {"h_base": h_base, "delta": delta, "h_adapted": h_base + delta,
+                                      "partner": delta[partner], "partner_adapted": h_base + delta[partner]})
+        cka = prompt_cka.intervals(CKA_PAIRS, **boot)
         cell = _nest({k: measure(v) for k, v in iv.items()})
         cell["table5"]["headline"] = cell["table7"]["headline"] = headline
         t11 = cell.setdefault("table11", {})
@@ -335,6 +365,9 @@ def analyze_layer(layer: int, saes: LayerSAEs, h_base: np.ndarray, sample_index:
             cell["table6"][str(s)]["train"] = {**train, "density": train["l0"] / widths[s]}
         cell["table9"]["live_rule"] = (f"fires on > {c.live_density:g} of its training tokens "
                                        f"({firing[firing_key(adapter, seeds[0])].n} tokens)")
+        if spans is not None:
+            on_phase(f"{adapter}: LoRA span")
+            cell["lora_span"] = span_record(spans[adapter], delta, sample_index, prompt_cka, "delta", rows, c, nulls)
         record["adapters"][adapter] = cell
         arrays |= {f"{adapter}/{k}": v for k, v in geo_arrays.items()}
         arrays[f"{adapter}/prompt_l0"] = sums.sums.sums[f"sae{seeds[0]}.l0"]

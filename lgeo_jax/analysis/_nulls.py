@@ -8,7 +8,11 @@ interval of the draws (`lgeo_jax.stats.null_interval`).
   2k <= d (its mean angle and near-orthogonal / aligned fractions).
 * Random-init SAE: the decoder our SAE training starts from (`lgeo_jax.sae.init_params`), m of its rows
   against the *real* dictionary: unlike two random sets it keeps the dictionary's own anisotropy, so it is
-  the null the verdicts of Tables 9-10 use.
+  the null the verdicts of Tables 9-10 use. Table 9's one-to-one matching (mean Hungarian-matched cosine)
+  has both nulls too: random directions (`null_matching`) and the same random-init decoders.
+* LoRA-span linkage (`lgeo_jax.analysis._lora_span`): random subspaces of the span's dimension (bases, and
+  principal angles against a k-dim subspace), and the spectrum of a structureless signal filling such a
+  subspace (Wishart draws) for the effective rank.
 The nulls depend only on shapes, seeds and the dictionary, so the stage caches them.
 """
 
@@ -16,16 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
 from jaxtyping import Float
 
-from lgeo_jax.analysis._dictionary import angle_stats, compare
+from lgeo_jax.analysis._dictionary import angle_stats, compare, matched_cosine
 from lgeo_jax.geometry import (
     expected_max_cosine,
     expected_mutual_nearest_fraction,
+    null_matching,
     null_principal_angles,
     wachter_angle_stats,
 )
@@ -43,14 +48,19 @@ class RowNull:
 _NULL_STREAM = 0x6E756C6C  # folded into the key: SAE training seeds use jax.random.key(seed) itself
 
 
-def random_init_decoder(width: int, d: int, *, seed: int, draw: int = 0) -> Float[np.ndarray, "F D"]:
-    """Decoder rows [width, d] of a freshly initialised SAE (unit-norm Gaussian rows, our training's start).
+def random_init_params(cfg: SAEConfig, *, seed: int, draw: int = 0) -> dict[str, np.ndarray]:
+    """The parameters of a freshly initialised SAE of `cfg` (`lgeo_jax.sae.init_params`, our training's start).
 
     The key is `fold_in(fold_in(key(seed), tag), draw)`, never `key(seed)`: training inits SAEs from
     `key(seed)`, and a null that shared a trained SAE's own starting point would not be independent of it.
     """
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _NULL_STREAM), draw)
-    return np.asarray(init_params(key, SAEConfig(d_in=d, d_sae=width))["W_dec"])
+    return {name: np.asarray(value) for name, value in init_params(key, cfg).items()}
+
+
+def random_init_decoder(width: int, d: int, *, seed: int, draw: int = 0) -> Float[np.ndarray, "F D"]:
+    """Decoder rows [width, d] of a freshly initialised SAE (unit-norm Gaussian rows; `random_init_params`)."""
+    return random_init_params(SAEConfig(d_in=d, d_sae=width), seed=seed, draw=draw)["W_dec"]
 
 
 def _gaussian_rows(n: int, d: int, seed: int, draw: int, side: int) -> np.ndarray:
@@ -75,6 +85,9 @@ class NullCache:
         self._directions: dict[tuple, RowNull] = {}
         self._subspaces: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._init: dict[tuple, tuple[RowNull, dict[int, np.ndarray], dict[int, np.ndarray]]] = {}
+        self._spectra: dict[tuple, np.ndarray] = {}
+        self._matching: dict[tuple, np.ndarray] = {}
+        self._init_matching: dict[tuple, np.ndarray] = {}
 
     def random_directions(self, m: int, width: int, n: int, d: int) -> RowNull:
         """m (of `width`) random directions against n random directions: `ROW_STATS` per draw and draw 0's
@@ -85,14 +98,58 @@ class NullCache:
             self._directions[(m, width, n, d)] = RowNull(np.stack([c.row_summary() for c in draws]), draws[0].rows)
         return self._directions[(m, width, n, d)]
 
-    def random_subspaces(self, k: int, d: int) -> tuple[np.ndarray, np.ndarray]:
-        """Pairs of random k-dim subspaces of R^d: `ANGLE_STATS` [R, 4] and the angles [R, k] themselves."""
-        if (k, d) not in self._subspaces:
+    def random_subspaces(self, k: int, d: int, k2: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Pairs of random k- and k2-dim (default k) subspaces of R^d: `ANGLE_STATS` [R, 4] and the angles
+        [R, min(k, k2)] themselves."""
+        k2 = k if k2 is None else k2
+        if (k, k2, d) not in self._subspaces:
             # one trial per call: batched decompositions can deadlock jaxlib's CPU pool (`subspace_resamples`)
-            angles = np.concatenate([np.asarray(null_principal_angles(k, d, seed=self.seed + r, n_trials=1))
-                                     for r in range(self.n_draws)])  # [R, k]
-            self._subspaces[(k, d)] = (angle_stats(angles, self.near_orthogonal, self.aligned), angles)
-        return self._subspaces[(k, d)]
+            angles = np.concatenate([np.asarray(null_principal_angles(k, d, k2=k2, seed=self.seed + r, n_trials=1))
+                                     for r in range(self.n_draws)])  # [R, min(k, k2)]
+            self._subspaces[(k, k2, d)] = (angle_stats(angles, self.near_orthogonal, self.aligned), angles)
+        return self._subspaces[(k, k2, d)]
+
+    def random_bases(self, s: int, d: int) -> Iterator[np.ndarray]:
+        """Orthonormal row bases [s, d] (float64) of `n_draws` random s-dim subspaces of R^d, one at a time (at
+        s = d = 3584 they are 100 MB each, so they are drawn again rather than kept)."""
+        for r in range(self.n_draws):
+            q, _ = np.linalg.qr(_gaussian_rows(s, d, self.seed, r, 2).astype(np.float64).T)  # [d, s]
+            yield q.T
+
+    def isotropic_spectra(self, s: int, dof: int) -> np.ndarray:
+        """Eigenvalues [R, min(s, dof)] (descending) of `n_draws` Wishart_s(dof) matrices: the scatter of `dof`
+        independent isotropic Gaussian rows in an s-dim subspace, i.e. of a centred signal with no structure that
+        fills the subspace. Sampled by Bartlett's decomposition W = L L^T (L lower triangular, L_ii^2 ~
+        chi^2(dof - i), L_ij ~ N(0, 1) below the diagonal) of the smaller of (s, dof): G^T G and G G^T share
+        their non-zero eigenvalues, so this is exact for any s and dof, at O(min(s, dof)^3) per draw."""
+        if (s, dof) not in self._spectra:
+            p, n = min(s, dof), max(s, dof)
+            draws = []
+            for r in range(self.n_draws):
+                rng = np.random.default_rng([self.seed, _NULL_STREAM, s, dof, r])
+                lower = np.tril(rng.standard_normal((p, p)), -1)  # [p, p]
+                lower[np.diag_indices(p)] = np.sqrt(rng.chisquare(n - np.arange(p)))
+                draws.append(np.linalg.eigvalsh(lower @ lower.T)[::-1])
+            self._spectra[(s, dof)] = np.stack(draws)
+        return self._spectra[(s, dof)]
+
+    def random_matching(self, m: int, n: int, d: int) -> np.ndarray:
+        """Mean Hungarian-matched cosine [R] of m random directions against n (`null_matching`, one seed per draw)."""
+        if (m, n, d) not in self._matching:
+            self._matching[(m, n, d)] = np.array([null_matching(m, n, d, seed=self.seed + r, chunk=self.chunk)
+                                                  for r in range(self.n_draws)])
+        return self._matching[(m, n, d)]
+
+    def random_init_matching(self, key: str, width: int, m: int, dictionary_rows: np.ndarray) -> np.ndarray:
+        """Mean Hungarian-matched cosine [R] of m rows of the random-init decoders of `random_init` (same draws)
+        against the dictionary (`key` names it)."""
+        cache_key = (key, width, m)
+        if cache_key not in self._init_matching:
+            d = dictionary_rows.shape[1]
+            self._init_matching[cache_key] = np.array([
+                np.mean(matched_cosine(_first_rows(random_init_decoder(width, d, seed=self.seed, draw=r), m),
+                                       dictionary_rows, self.chunk)) for r in range(self.n_draws)])
+        return self._init_matching[cache_key]
 
     def random_init(self, key: str, width: int, m: int, dictionary_rows: np.ndarray, dictionary_basis: np.ndarray,
                     ks: Sequence[int]) -> tuple[RowNull, dict[int, np.ndarray], dict[int, np.ndarray]]:

@@ -8,10 +8,10 @@ one validator, not two that drift apart. Every package declares its own settings
 `@section` decorator: a frozen, keyword-only dataclass) and this module is all they share; it imports
 nothing else from lgeo_jax.
 
-Supported annotations: `int`, `float`, `bool`, `str`, enums, `X | None`, `tuple[X, ...]`,
-`tuple[X, Y]`, `Mapping[K, V]` (stored read-only) and nested `Section`s. Numbers are strict (a bool
-is not an int) with one concession to YAML 1.1: PyYAML reads `1e-4` (no dot) as a *string*, so numeric strings are
-accepted where a number is expected.
+Supported annotations: `int`, `float`, `bool`, `str`, enums, `X | None` (and `X | Literal["word"] | None`, the
+word taken as is), `tuple[X, ...]`, `tuple[X, Y]`, `Mapping[K, V]` (stored read-only) and nested `Section`s.
+Numbers are strict (a bool is not an int) with one concession to YAML 1.1: PyYAML reads `1e-4` (no dot) as a
+*string*, so numeric strings are accepted where a number is expected.
 """
 
 from __future__ import annotations
@@ -144,11 +144,16 @@ def convert(raw: Any, tp: Any, path: str, problems: list[Problem]) -> Any:
     """`raw` as type `tp`, or `_INVALID` after appending a problem at `path`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        arms = [a for a in args if a is not type(None)]
-        if raw is None:
-            return None
+        words = [w for a in args if typing.get_origin(a) is typing.Literal for w in typing.get_args(a)]
+        arms = [a for a in args if a is not type(None) and typing.get_origin(a) is not typing.Literal]
+        if raw is None or (isinstance(raw, str) and raw in words):
+            return raw
         if len(arms) != 1:
-            raise TypeError(f"{path}: only `X | None` unions are supported in config fields")
+            raise TypeError(f"{path}: only `X | None` unions (plus Literal words) are supported in config fields")
+        if words and isinstance(raw, str) and not _NUMBER.match(raw.strip()):
+            problems.append(Problem(path, f"expected {' or '.join(map(repr, words))} or a value of type "
+                                          f"{arms[0].__name__}, got {_show(raw)}"))
+            return _INVALID
         return convert(raw, arms[0], path, problems)
     if isinstance(tp, type) and issubclass(tp, Section):
         return raw if isinstance(raw, tp) else from_mapping(tp, raw, path, problems)

@@ -16,10 +16,10 @@ from lgeo_jax.corpus._reader import Corpus, open_corpus
 from lgeo_jax.corpus._source import CorpusSource
 from lgeo_jax.corpus._stats import STATS_FILE, SplitStats, load_stats, summarize
 from lgeo_jax.corpus._store import BASE_NAME, META_FIELDS, CorpusLayout, itemsize, store_url
-from lgeo_jax.corpus._writer import CATEGORY_NAMES, corpus_identity, extract_corpus
+from lgeo_jax.corpus._writer import CATEGORY_NAMES, Share, corpus_identity, extract_corpus
 
 __all__ = [
     "BASE_NAME", "CATEGORY_NAMES", "META_FIELDS", "STATS_FILE", "Corpus", "CorpusLayout", "CorpusSource",
-    "ExtractConfig", "SplitPlan", "SplitStats", "corpus_identity", "directories_fingerprint", "extract_corpus",
+    "ExtractConfig", "Share", "SplitPlan", "SplitStats", "corpus_identity", "directories_fingerprint", "extract_corpus",
     "itemsize", "load_stats", "open_corpus", "plan_split", "store_url", "summarize",
 ]

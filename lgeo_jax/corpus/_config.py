@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Literal
 
 from lgeo_jax.config import (
     DType,
@@ -24,8 +25,14 @@ from lgeo_jax.config import (
     section,
 )
 from lgeo_jax.data import SPLIT_NAMES
+from lgeo_jax.lora import AUTO
 
 KVSTORE_SCHEMES = ("file", "gs", "s3", "memory")
+
+
+def _tokens(value: int | str) -> Iterator[tuple[str, str]]:
+    if value != AUTO:
+        yield from greater(0)(value)
 _URL = re.compile(r"^([a-z][a-z0-9+]*)://")
 
 
@@ -47,8 +54,10 @@ class ExtractConfig(Section):
     max_pending: int = field(2, check=greater(0), affects_results=False)  # batches with writes in flight
     # On the CPU backend, tokens per device per stacked call, (1 + adapters) x rows x seq: the batch runs in
     # slices that stay under it (values unchanged). 4096 is XLA:CPU's fusion cliff (lgeo_jax.lora.CPU_FUSION_TOKENS,
-    # bench/README.md (a)); None: the whole batch in one call. Accelerators always take the whole batch.
-    micro_batch_tokens: int | None = field(4096, check=greater(0), affects_results=False)
+    # bench/README.md (a)); `auto`: the fastest of a few budgets timed on the first batch
+    # (lgeo_jax.lora.tune_micro_batch_tokens); None: the whole batch in one call. Accelerators always take the whole
+    # batch.
+    micro_batch_tokens: int | Literal["auto"] | None = field(4096, check=_tokens, affects_results=False)
 
     @cross_check("store")
     def _store(self) -> Iterator[Problem]:

@@ -55,6 +55,10 @@ class CorpusSource:
         if prefetch < 0:
             raise ValueError(f"CorpusSource: prefetch={prefetch} must be >= 0")
         self.corpus, self.split, self.arrays = corpus, split, tuple((str(n), int(lay)) for n, lay in arrays)
+        # an array that several SAEs read (the base stream of every adapter's crosscoder) is read once
+        self._unique = tuple(dict.fromkeys(self.arrays))
+        self._slot = None if len(self._unique) == len(self.arrays) else np.array(
+            [self._unique.index(a) for a in self.arrays])  # [S] -> index into the unique arrays
         self.names = tuple(names) if names is not None else tuple(f"{n}/L{lay}" for n, lay in self.arrays)
         if len(self.names) != len(self.arrays):
             raise ValueError(f"CorpusSource: {len(self.names)} names for {len(self.arrays)} arrays")
@@ -109,9 +113,9 @@ class CorpusSource:
     # ---- window buffers -------------------------------------------------------------------------
 
     def _load(self, chunk_ids: np.ndarray) -> np.ndarray:
-        """All SAEs' rows of these chunks, `[S, W, D]` in the store dtype, read concurrently."""
+        """Every distinct array's rows of these chunks, `[U, W, D]` in the store dtype, read concurrently."""
         spans = [(c * self._chunk, min((c + 1) * self._chunk, self.n_rows)) for c in chunk_ids]
-        handles = [self.corpus.array(self.split, n, lay) for n, lay in self.arrays]
+        handles = [self.corpus.array(self.split, n, lay) for n, lay in self._unique]
         futures = [[h[a:b].read() for a, b in spans] for h in handles]
         out = np.empty((len(handles), sum(b - a for a, b in spans), self.d_in), handles[0].dtype.numpy_dtype)
         for s, per_array in enumerate(futures):
@@ -155,23 +159,27 @@ class CorpusSource:
             if ahead == len(self._epoch_plan(ahead_epoch).windows):
                 ahead_epoch, ahead = ahead_epoch + 1, 0
             self._window(ahead_epoch, ahead, self._epoch_plan(ahead_epoch))
+        rows = np.broadcast_to(plan.global_rows[sel], (len(self.arrays), local_batch))  # [S, b]
         if len(data) == 1:  # the common case: the whole batch comes from one window
-            x = next(iter(data.values())).result()[:, local].astype(np.float32)  # [S, b, D]
-            return Batch(x=x, rows=np.broadcast_to(plan.global_rows[sel], (len(self.arrays), local_batch)))
-        x = np.empty((len(self.arrays), local_batch, self.d_in), np.float32)  # [S, b, D]
+            return Batch(x=self._per_sae(next(iter(data.values())).result()[:, local].astype(np.float32)), rows=rows)
+        x = np.empty((len(self._unique), local_batch, self.d_in), np.float32)  # [U, b, D]
         for w, future in data.items():
             at = np.flatnonzero(windows == w)
             # Gather in the store dtype, then one contiguous cast (casting inside fancy assignment is slow).
             x[:, at] = future.result()[:, local[at]].astype(np.float32)
-        rows = plan.global_rows[sel]  # [b]
-        return Batch(x=x, rows=np.broadcast_to(rows, (len(self.arrays), local_batch)))
+        return Batch(x=self._per_sae(x), rows=rows)
+
+    def _per_sae(self, x: np.ndarray) -> np.ndarray:
+        """[U, ...] rows of the distinct arrays -> [S, ...], one per SAE."""
+        return x if self._slot is None else x[self._slot]
 
     def held_out(self, max_rows: int) -> Float[np.ndarray, "S N D"]:
         if self.held_out_split is None:
             raise ValueError("CorpusSource: no held_out_split was given")
         n = self.corpus.n_rows(self.held_out_split)
         pick = np.sort(np.random.default_rng((self.seed, n)).permutation(n)[:max_rows])  # [N]
-        return np.stack([self.corpus.rows(self.held_out_split, name, layer, pick) for name, layer in self.arrays])
+        return self._per_sae(np.stack([self.corpus.rows(self.held_out_split, name, layer, pick)
+                                       for name, layer in self._unique]))
 
     def close(self) -> None:
         """Stops the prefetch thread (pending reads finish first)."""

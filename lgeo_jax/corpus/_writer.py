@@ -5,7 +5,16 @@ h_base in float32, norms summed over the kept tokens, cast to the store dtype ->
 host while the next batch is dispatched -> kept rows gathered on the host -> asynchronous tensorstore
 writes. At most `max_pending` batches have writes in flight (a bounded queue); the oldest is committed
 (its writes durable, then the manifest records it with the running statistics) before more are issued,
-always in batch order, so the manifest's `committed` count is a prefix of the plan.
+in batch order.
+
+Several processes (`Share`): process 0 claims the store, creates the arrays and writes the metadata; then
+(a barrier) every process extracts its part of the uncommitted batches, round robin, into their planned rows
+of the one store, and records each commit, with the batch's own sums, in its own commit log
+(`corpus-commits.p<index>.json` in `Share.commits_dir`, rewritten atomically); after a second barrier process
+0 folds every log into the manifest (each batch once, in batch order, float64 sums) and removes them. The
+manifest stays the one record: `committed` counts the prefix of each split's batches that is done and
+`beyond` lists the done batches after it. A rerun, with any number of processes, first folds what the logs of
+a killed attempt hold, so a batch is extracted again only if no process committed it.
 
 Crash safety: arrays are preallocated from the plan; batch b always writes the same rows with the same
 values, so after a kill the rerun rewrites the uncommitted batches and the store ends identical to an
@@ -20,7 +29,9 @@ import collections
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import jax
@@ -36,16 +47,27 @@ from lgeo_jax.corpus._store import (
     CorpusLayout,
     claim_store,
     open_corpus_arrays,
+    read_identity,
     store_url,
 )
 from lgeo_jax.data import BatchConfig, Category, TokenizedExample, collate
-from lgeo_jax.files import json_hash
-from lgeo_jax.lora import LoraAdapters, batch_shards, check_layers, micro_batch_size, prepare_adapters, residuals
+from lgeo_jax.files import atomic_write_json, json_hash, read_json
+from lgeo_jax.lora import (
+    AUTO,
+    LoraAdapters,
+    batch_shards,
+    check_layers,
+    micro_batch_size,
+    prepare_adapters,
+    residuals,
+    tune_micro_batch_tokens,
+)
 from lgeo_jax.model import Gemma2
 from lgeo_jax.sharding import mesh_of
 
 PROGRESS_KEY = "corpus"
 CATEGORY_NAMES = tuple(c.value for c in Category)
+COMMITS_GLOB = "corpus-commits.p*.json"
 
 
 class ProgressLog(Protocol):
@@ -56,6 +78,33 @@ class ProgressLog(Protocol):
     def progress(self) -> Mapping[str, Any]: ...
 
     def update(self, **entries: Any) -> None: ...
+
+
+def _alone(what: str, value: Any) -> Any:
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """This process's part of an extraction run by `count` processes (`lgeo_jax.stages` makes one per job).
+
+    `broadcast(what, value)` is a barrier of all the processes that returns process 0's `value` to each (what
+    names the step in errors); `commits_dir` holds the per-process commit logs (None: no logs, which only a
+    single process without earlier multi-process attempts may have)."""
+
+    index: int = 0
+    count: int = 1
+    commits_dir: str | os.PathLike | None = None
+    broadcast: Callable[[str, Any], Any] = _alone
+
+    def __post_init__(self):
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"extraction share: process {self.index} of {self.count}")
+        if self.count > 1 and self.commits_dir is None:
+            raise ValueError("extraction over several processes needs a directory for their commit logs")
+
+    def commit_log(self, index: int) -> Path:
+        return Path(self.commits_dir) / COMMITS_GLOB.replace("*", str(index))
 
 
 @functools.partial(jax.jit, static_argnames=("store_dtype",))
@@ -107,12 +156,13 @@ class _Pending:
 def extract_corpus(model: Gemma2, adapters: Sequence[LoraAdapters], adapter_names: Sequence[str],
                    splits: Mapping[str, Sequence[TokenizedExample]], categories: Mapping[str, Sequence[int]],
                    store: str, config: ExtractConfig, log: ProgressLog, *, activation_dtype: str | None = None,
-                   inputs_hash: str = "") -> tuple[CorpusLayout, dict[str, SplitStats]]:
+                   inputs_hash: str = "", share: Share = Share()) -> tuple[CorpusLayout, dict[str, SplitStats]]:
     """Writes (or resumes writing) the corpus of `splits` into `store`; returns its layout and statistics.
 
     `categories[split][i]` is the category code (index into `Category`) of `splits[split][i]`; the residual
-    stream runs in `activation_dtype` (None: the parameters'). Progress goes to `log` (the stage manifest); a
-    log whose progress names another corpus is refused.
+    stream runs in `activation_dtype` (None: the parameters'). Progress goes to `log` (the stage manifest,
+    written by process 0 only); a log whose progress names another corpus is refused. With `share`, this
+    process extracts only its part of the batches; every process returns the statistics of the whole corpus.
     """
     adapters, adapter_names = list(adapters), tuple(adapter_names)
     n_adapters = sum(len(a) for a in adapters)
@@ -135,40 +185,52 @@ def extract_corpus(model: Gemma2, adapters: Sequence[LoraAdapters], adapter_name
         split_rows={s: p.n_rows for s, p in plans.items()}, store_dtype=config.store_dtype.value,
         chunk_rows=config.chunk_rows, categories=CATEGORY_NAMES,
         identity=corpus_identity(config, activation_dtype, adapter_names, d_model, plans, inputs_hash))
-    n_arrays, n_layers = len(layout.names), len(layout.layers)
 
     recorded = log.progress.get(PROGRESS_KEY)
     if recorded is not None and recorded.get("identity") != layout.identity:
         raise ValueError(
             "corpus stage: the interrupted run was started with other settings, data or checkpoints (identity "
             f"{recorded.get('identity')} != {layout.identity}); rerun the corpus stage with force")
-    committed = dict(recorded["committed"]) if recorded else {s: 0 for s in plans}
-    stats = ({s: SplitStats.from_json(recorded["stats"][s], (n_arrays, n_layers)) for s in plans} if recorded
-             else {s: SplitStats.zeros(n_arrays, n_layers) for s in plans})
 
     url = store_url(store)
-    claim_store(url, layout)
-    arrays = open_corpus_arrays(url, layout, create=True)
-    if recorded is None:
-        log.update(**{PROGRESS_KEY: _progress(layout, committed, stats)})
-
-    for split, plan in plans.items():
-        meta = plan.metadata(categories[split])
-        for name, values in meta.items():
-            arrays[(split, "meta", name)].write(values).result()
+    if share.index == 0:  # the one writer of the manifest, corpus.json and the metadata
+        done, stats = _state(recorded, plans, layout)
+        claim_store(url, layout)
+        arrays = open_corpus_arrays(url, layout, create=True)
+        folded = _fold(share, layout, plans, done, stats)  # what the processes of a killed attempt committed
+        if recorded is None or folded:
+            log.update(**{PROGRESS_KEY: _progress(layout, done, stats)})
+        _remove(folded)
+        for split, plan in plans.items():
+            meta = plan.metadata(categories[split])
+            for name, values in meta.items():
+                arrays[(split, "meta", name)].write(values).result()
+    progress = share.broadcast("corpus store ready", _progress(layout, done, stats) if share.index == 0 else None)
+    if share.index != 0:
+        if read_identity(url) != layout:
+            raise ValueError(f"{url}: process 0 made this store for another corpus than process {share.index} "
+                             "plans (the processes must run the same config on the same files)")
+        arrays = open_corpus_arrays(url, layout, create=False)
+        done, stats = _state(progress, plans, layout)
     collate_cfg = BatchConfig(batch_size=config.batch_size, shuffle=False, pad_multiple=config.pad_multiple)
 
     def dispatch(split: str, b: int):
+        nonlocal micro_tokens
         plan = plans[split]
         batch = collate([plan.examples[i] for i in plan.batches[b]], collate_cfg)
         keep = np.zeros(batch.input_ids.shape, bool)  # [B, T]
         for row, i in enumerate(plan.batches[b]):
             keep[row, : plan.examples[i].length] = plan.keep[i]
-        micro = micro_batch_size(*batch.input_ids.shape, 1 + (0 if stack is None else len(stack)), micro_tokens,
-                                 shards=shards)
-        res = residuals(model, batch.input_ids, layers=config.layers, adapters=() if stack is None else stack,
-                        attention_mask=batch.attention_mask, dtype=activation_dtype,
-                        micro_batch=micro)  # [A, C, B, T, D]
+        n_models = 1 + (0 if stack is None else len(stack))
+
+        def run(micro: int) -> jax.Array:  # [A, C, B, T, D]
+            return residuals(model, batch.input_ids, layers=config.layers, adapters=() if stack is None else stack,
+                             attention_mask=batch.attention_mask, dtype=activation_dtype, micro_batch=micro)
+
+        if micro_tokens == AUTO:  # timed once, on the first batch this process extracts
+            micro_tokens = tune_micro_batch_tokens(lambda m: jax.block_until_ready(run(m)), *batch.input_ids.shape,
+                                                   n_models, shards=shards)
+        res = run(micro_batch_size(*batch.input_ids.shape, n_models, micro_tokens, shards=shards))
         out = _rows_and_sums(res, keep, store_dtype=config.store_dtype.value)
         for x in out:
             x.copy_to_host_async()
@@ -189,37 +251,115 @@ def extract_corpus(model: Gemma2, adapters: Sequence[LoraAdapters], adapter_name
                     futures.append(arrays[(split, name, layer)][start:stop].write(rows[a, c]))
         return _Pending(split, b, futures, int(idx.shape[0]), norm_sum, sq_sum)
 
-    done = sum(int(plans[s].offsets[committed[s]]) for s in plans)  # rows of the committed batches
-    bar = tqdm(total=sum(p.n_rows for p in plans.values()), initial=done, desc="extract", unit="tok",
-               unit_scale=True, mininterval=1.0)
+    remaining = [(split, b) for split, plan in plans.items() for b in range(len(plan.batches)) if b not in done[split]]
+    mine = remaining[share.index::share.count]  # round robin over what no process has committed
+
+    def rows_of(batches) -> int:
+        return sum(int(plans[split].offsets[b + 1] - plans[split].offsets[b]) for split, b in batches)
+
+    finished = rows_of((split, b) for split in plans for b in done[split])
+    bar = tqdm(total=finished + rows_of(mine), initial=finished, unit="tok", unit_scale=True, mininterval=1.0,
+               desc="extract" if share.count == 1 else f"extract (process {share.index} of {share.count})")
+    commits = None if share.count == 1 else _CommitLog(share.commit_log(share.index), layout.identity)
 
     def commit(p: _Pending) -> None:
         for f in p.futures:
             f.result()
-        stats[p.split].add(p.count, p.norm_sum, p.sq_sum)
-        committed[p.split] = p.batch + 1
-        log.update(**{PROGRESS_KEY: _progress(layout, committed, stats)})
+        if commits is None:
+            stats[p.split].add(p.count, p.norm_sum, p.sq_sum)
+            done[p.split].add(p.batch)
+            log.update(**{PROGRESS_KEY: _progress(layout, done, stats)})
+        else:
+            commits.record(p)
         bar.update(p.count)
 
     pending: collections.deque[_Pending] = collections.deque()
     in_flight = None
     with bar:
-        for split, plan in plans.items():
-            bar.set_postfix_str(split)
-            for b in range(committed[split], len(plan.batches)):
-                nxt = dispatch(split, b)  # runs on the device while the previous batch goes to the host
-                if in_flight is not None:
-                    pending.append(issue_writes(*in_flight))
-                in_flight = nxt
-                while len(pending) > config.max_pending:
-                    commit(pending.popleft())
+        for split, b in mine:
+            bar.set_postfix_str(split, refresh=False)
+            nxt = dispatch(split, b)  # runs on the device while the previous batch goes to the host
+            if in_flight is not None:
+                pending.append(issue_writes(*in_flight))
+            in_flight = nxt
+            while len(pending) > config.max_pending:
+                commit(pending.popleft())
         if in_flight is not None:
             pending.append(issue_writes(*in_flight))
         while pending:
             commit(pending.popleft())
+
+    if share.count > 1:
+        share.broadcast("corpus extracted", None)
+        if share.index == 0:
+            folded = _fold(share, layout, plans, done, stats)
+            log.update(**{PROGRESS_KEY: _progress(layout, done, stats)})
+            _remove(folded)
+        progress = share.broadcast("corpus merged", _progress(layout, done, stats) if share.index == 0 else None)
+        done, stats = _state(progress, plans, layout)
+    lost = [(split, b) for split, plan in plans.items() for b in range(len(plan.batches)) if b not in done[split]]
+    if lost:
+        raise ValueError(f"internal: {len(lost)} batches (e.g. {lost[:3]}) were committed by no process")
     return layout, stats
 
 
-def _progress(layout: CorpusLayout, committed: Mapping[str, int], stats: Mapping[str, SplitStats]) -> dict:
-    return {"identity": layout.identity, "committed": dict(committed),
+def _state(progress: Mapping[str, Any] | None, plans: Mapping[str, SplitPlan],
+           layout: CorpusLayout) -> tuple[dict[str, set[int]], dict[str, SplitStats]]:
+    """The committed batches of each split and their sums, as `progress` (the manifest's entry) records them."""
+    shape = (len(layout.names), len(layout.layers))
+    if progress is None:
+        return {s: set() for s in plans}, {s: SplitStats.zeros(*shape) for s in plans}
+    beyond = progress.get("beyond", {})  # absent from manifests of one-process runs before multi-process ones
+    done = {s: set(range(int(progress["committed"][s]))) | set(beyond.get(s, ())) for s in plans}
+    return done, {s: SplitStats.from_json(progress["stats"][s], shape) for s in plans}
+
+
+def _progress(layout: CorpusLayout, done: Mapping[str, set[int]], stats: Mapping[str, SplitStats]) -> dict:
+    committed = {s: next(n for n in range(len(batches) + 1) if n not in batches) for s, batches in done.items()}
+    return {"identity": layout.identity, "committed": committed,
+            "beyond": {s: sorted(b for b in done[s] if b > committed[s]) for s in done},
             "stats": {s: v.to_json() for s, v in stats.items()}}
+
+
+class _CommitLog:
+    """One process's commits, each batch with its own sums (so process 0 can fold each batch once)."""
+
+    def __init__(self, path: Path, identity: str):
+        self.path, self.identity, self.batches = path, identity, []
+
+    def record(self, p: _Pending) -> None:
+        self.batches.append([p.split, p.batch, p.count, p.norm_sum.tolist(), p.sq_sum.tolist()])
+        atomic_write_json(self.path, {"identity": self.identity, "batches": self.batches})
+
+
+def _fold(share: Share, layout: CorpusLayout, plans: Mapping[str, SplitPlan], done: dict[str, set[int]],
+          stats: dict[str, SplitStats]) -> list[Path]:
+    """Adds to `done` and `stats` every batch the commit logs in `share.commits_dir` hold and `done` lacks, each
+    once and in batch order; returns the logs read, to remove once the manifest records them."""
+    if share.commits_dir is None:
+        return []
+    paths = sorted(Path(share.commits_dir).glob(COMMITS_GLOB))
+    found = {}
+    for path in paths:
+        value = read_json(path, needed_by="the corpus stage")
+        if value.get("identity") != layout.identity:
+            raise ValueError(f"{path}: the commit log of another corpus (identity {value.get('identity')} != "
+                             f"{layout.identity}); rerun the corpus stage with force")
+        for split, b, count, norm_sum, sq_sum in value["batches"]:
+            if b not in done[split]:
+                found[(split, b)] = (count, norm_sum, sq_sum)
+    order = {split: i for i, split in enumerate(plans)}
+    for split, b in sorted(found, key=lambda key: (order[key[0]], key[1])):
+        count, norm_sum, sq_sum = found[(split, b)]
+        start, stop = plans[split].batch_rows(b)
+        if count != stop - start:
+            raise ValueError(f"{share.commits_dir}: batch {b} of '{split}' was committed with {count} rows, "
+                             f"planned {stop - start}; rerun the corpus stage with force")
+        stats[split].add(count, np.asarray(norm_sum), np.asarray(sq_sum))
+        done[split].add(b)
+    return paths
+
+
+def _remove(paths: Sequence[Path]) -> None:
+    for path in paths:  # a log left behind (a crash here) is folded again harmlessly: its batches are done
+        path.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from jaxtyping import Array, Bool, Float
 
 from lgeo_jax.crosscoder._config import CrossArch, CrosscoderConfig
 from lgeo_jax.optim import lr_schedule
-from lgeo_jax.sae import auxk_loss
+from lgeo_jax.sae import auxk_loss, batch_metrics, batch_topk
 
 Params = dict[str, jax.Array]
 
@@ -61,26 +61,15 @@ def decode(params: Params, f: Float[Array, "B F"]) -> Float[Array, "B E"]:
     return jnp.einsum("bf,fe->be", f, params["W_dec"]) + params["b_dec"]  # [B, E]
 
 
-def _batch_topk(f: Float[Array, "B F"], weight: Float[Array, " F"], k: int) -> Float[Array, "B F"]:
-    """Keep the ``k * B`` largest ``f * weight`` of the batch (ties broken by lax.top_k), values of f."""
-    scored = (f * weight).reshape(-1)  # [B * F]
-    _, idx = jax.lax.top_k(scored, k * f.shape[0])
-    keep = jnp.zeros(scored.shape, bool).at[idx].set(True).reshape(f.shape)
-    return jnp.where(keep & (f > 0), f, 0.0)
-
-
 def training_loss(params: Params, x: Float[Array, "B E"], dead: Bool[Array, " F"], cfg: CrosscoderConfig,
                   with_auxk: bool = True) -> tuple[jax.Array, dict]:
     """Squared error summed over both streams' d, averaged over tokens, plus the sparsity term (L1: decoder-
     norm-sum weighted L1; BatchTopK: AuxK of the dead latents, `lgeo_jax.sae`'s, on the concatenation)."""
     pre = pre_activations(params, x)  # [B, F]
     weight = jnp.sum(decoder_norms(params["W_dec"]), axis=-1)  # [F]
-    f = jax.nn.relu(pre)
-    if cfg.architecture is CrossArch.BATCHTOPK:
-        f = _batch_topk(f, weight, cfg.k)
+    f = batch_topk(pre, cfg.k, weight) if cfg.architecture is CrossArch.BATCHTOPK else jax.nn.relu(pre)
     x_hat = decode(params, f)  # [B, E]
-    sq_err = jnp.sum((x_hat - x) ** 2, axis=-1)  # [B]
-    mse = jnp.mean(sq_err)
+    metrics = batch_metrics(x, x_hat, f, f * weight)
     if cfg.architecture is CrossArch.L1:
         penalty = jnp.mean(jnp.sum(f * weight, axis=-1))
         sparsity = cfg.l1 * penalty
@@ -89,11 +78,7 @@ def training_loss(params: Params, x: Float[Array, "B E"], dead: Bool[Array, " F"
         sparsity = cfg.auxk_coeff * penalty
     else:
         penalty = sparsity = jnp.zeros((), jnp.float32)
-    active = f > 0  # [B, F]
-    var = jnp.sum((x - jnp.mean(x, axis=0)) ** 2)
-    aux = {"mse": mse, "penalty": penalty, "l0": jnp.mean(jnp.sum(active, axis=-1)), "fvu": jnp.sum(sq_err) / var,
-           "fired": jnp.any(active, axis=0), "min_active": jnp.min(jnp.where(active, f * weight, jnp.inf))}
-    return mse + sparsity, aux
+    return metrics["mse"] + sparsity, {**metrics, "penalty": penalty}
 
 
 class CrossState(NamedTuple):

@@ -272,7 +272,8 @@ def stacked_lora(adapters: LoraAdapters, *, with_base: bool = True,
     keep = jnp.asarray([1.0 - s.dropout for s in adapters.specs], jnp.float32)  # [n]
     for i, t in enumerate(adapters.targets):
         a, b, scale = adapters.factors(t)
-        factors = LoraFactors(a=a, b=b, scale=scale, base_slots=1 if with_base else 0)
+        factors = LoraFactors(a=a, b=b, scale=scale, base_slots=1 if with_base else 0,
+                              ranks=tuple(min(s.max_rank, a.shape[-1]) for s in adapters.specs))
         if dropout_key is not None:
             n_layers = a.shape[0]
             factors = dataclasses.replace(

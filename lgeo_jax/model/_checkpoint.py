@@ -160,9 +160,22 @@ def _drop_leading(sharding) -> Any:
     return sharding
 
 
-def _put(host: np.ndarray, sharding) -> jax.Array:
-    """Places a host array on its sharding, reading only the pieces each local device needs."""
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: np.ascontiguousarray(host[idx]))
+def _put(view: np.ndarray, sharding, dtype: np.dtype, where: str) -> jax.Array:
+    """Places a tensor on its sharding from `view` (a view of the memory map in our layout): each local device's
+    piece is read, checked finite and cast on its own, so a host reads only the bytes of its own shards."""
+
+    last: list = [None, None]  # devices holding the same piece (a replicated axis) read it once
+
+    def piece(idx) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in idx)
+        if key != last[0]:
+            w = np.ascontiguousarray(view[idx])
+            if not np.all(np.isfinite(w.astype(np.float32))):
+                raise CheckpointError(f"{where} contains NaN or Inf")
+            last[:] = key, w.astype(dtype)
+        return last[1]
+
+    return jax.make_array_from_callback(view.shape, sharding, piece)
 
 
 def check_checkpoint(path: str | os.PathLike) -> Gemma2Config:
@@ -199,19 +212,17 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None, mesh: Mesh | None 
         sharding = _target_sharding(logical, var.get_value().shape, mesh, rules)
         names = _hf_names(key, cfg)
 
-        def host(name, mapping=mapping):
-            w = mapping.to_ours(where[name].get(name), cfg)
-            if not np.all(np.isfinite(w.astype(np.float32))):
-                raise CheckpointError(f"{where[name].path}: tensor {name!r} contains NaN or Inf")
-            return w.astype(dtype)
+        def put(name, sharding, mapping=mapping):  # to_ours only transposes and splits axes: still a view
+            return _put(mapping.to_ours(where[name].get(name), cfg), sharding, dtype,
+                        f"{where[name].path}: tensor {name!r}")
 
         if key[0] == "blocks":
             value = _zeros(var.get_value().shape, dtype, sharding)
             layer_sharding = _drop_leading(sharding)
             for i, name in enumerate(names):
-                value = _set_layer(value, i, _put(host(name), layer_sharding))
+                value = _set_layer(value, i, put(name, layer_sharding))
         else:
-            value = _put(host(names[0]), sharding)
+            value = put(names[0], sharding)
         filled.append((path_key, var.replace(value=value)))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 

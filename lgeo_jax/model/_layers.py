@@ -89,7 +89,8 @@ class LoraFactors:
     `base_slots` leading slots of every batch row's adapter group carry no adapter (the base model riding
     along in the same pass): they get the base projection only, so no LoRA FLOPs are spent on them.
     For training, LoRA dropout (PEFT's: on the adapter's input only) needs `dropout_key` (a PRNG key) and
-    `dropout_keep` [A] (keep probabilities, 1 = no dropout).
+    `dropout_keep` [A] (keep probabilities, 1 = no dropout). `ranks` (static, one per adapter, None = R for
+    all): columns of A / rows of B beyond an adapter's rank are padding in every layer and are not multiplied.
     """
 
     a: jax.Array
@@ -98,10 +99,11 @@ class LoraFactors:
     dropout_keep: jax.Array | None = None
     dropout_key: jax.Array | None = None
     base_slots: int = 0
+    ranks: tuple[int, ...] | None = None
 
 
 jax.tree_util.register_dataclass(
-    LoraFactors, data_fields=["a", "b", "scale", "dropout_keep", "dropout_key"], meta_fields=["base_slots"])
+    LoraFactors, data_fields=["a", "b", "scale", "dropout_keep", "dropout_key"], meta_fields=["base_slots", "ranks"])
 
 
 def project(proj: Projection, x: jax.Array, w: jax.Array, lora: LoraFactors | None = None) -> jax.Array:
@@ -109,8 +111,8 @@ def project(proj: Projection, x: jax.Array, w: jax.Array, lora: LoraFactors | No
 
     The adapter axis is folded into x's leading batch axis behind the batch ([B*(base_slots + A), ...], so a
     batch sharded over devices stays sharded) and the base matmul reads `w` once for the base and all
-    adapters. The LoRA path is derived from the base einsum (`BTD,DNH->BTNH` becomes `BATD,ADR->BATR` and
-    `BATR,ARNH->BATNH`), so one rule covers every projection.
+    adapters. The LoRA path is derived from the base einsum (`BTD,DNH->BTNH` becomes `BTD,DR->BTR` and
+    `BTR,RNH->BTNH` per adapter), so one rule covers every projection.
     """
     # float32 accumulation, rounded once to the activation dtype (XLA:CPU's bf16-out dots are ~3x slower)
     y = jnp.einsum(proj.spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
@@ -123,17 +125,22 @@ def project(proj: Projection, x: jax.Array, w: jax.Array, lora: LoraFactors | No
     n_adapters, _, rank = lora.a.shape
     a = lora.a.astype(x.dtype).reshape(n_adapters, *(dims[c] for c in contracted), rank)
     b = lora.b.astype(x.dtype).reshape(n_adapters, rank, *(dims[c] for c in produced))
+    scale = lora.scale.astype(x.dtype)  # [A]
     groups = lora.base_slots + n_adapters
-    with_a = lambda letters: letters[0] + "A" + letters[1:]  # BTD -> BATD: the adapter axis behind the batch
     xa = x.reshape(-1, groups, *x.shape[1:])[:, lora.base_slots:]  # [B, A, ...]
     if lora.dropout_key is not None:
         keep = lora.dropout_keep.astype(x.dtype).reshape((1, n_adapters) + (1,) * (xa.ndim - 2))
         survives = jax.random.bernoulli(lora.dropout_key, keep, xa.shape)
         xa = jnp.where(survives, xa / keep, 0).astype(x.dtype)
-    h = jnp.einsum(f"{with_a(x_letters)},A{contracted}R->{with_a(kept)}R", xa, a)  # [B, A, T, R]
-    h = h * lora.scale.astype(x.dtype).reshape((1, n_adapters) + (1,) * (h.ndim - 2))
-    delta = jnp.einsum(f"{with_a(kept)}R,AR{produced}->{with_a(out)}", h, b)  # [B, A, T, ...]
-    return y.reshape(-1, groups, *delta.shape[2:]).at[:, lora.base_slots:].add(delta).reshape(y.shape)
+    yg = y.reshape(-1, groups, *y.shape[1:])  # [B, G, ...]
+    # One plain GEMM pair per adapter (the adapter count is static and small): an einsum with the adapter axis
+    # in the middle ([B, A, T, D]) makes XLA:CPU transpose x and the update around a batched dot, which cost
+    # 2.7x the LoRA work of this loop (bench/README.md (a)).
+    parts = [yg[:, g] for g in range(lora.base_slots)]
+    for i, r in enumerate(lora.ranks or (rank,) * n_adapters):
+        h = jnp.einsum(f"{x_letters},{contracted}R->{kept}R", xa[:, i], a[i, ..., :r]) * scale[i]  # [B, T, r]
+        parts.append(yg[:, lora.base_slots + i] + jnp.einsum(f"{kept}R,R{produced}->{out}", h, b[i, :r]))  # [B, T, ...]
+    return jnp.stack(parts, axis=1).reshape(y.shape)
 
 
 class RMSNorm(nnx.Module):

@@ -56,13 +56,18 @@ class Gemma2(nnx.Module):
         return table[input_ids].astype(dtype) * normalizer
 
     def run_blocks(self, x: jax.Array, positions: jax.Array, valid: jax.Array, *, n_layers: int,
-                   capture: Sequence[int] = (), lora: StackedLora | None = None,
-                   remat: bool = False) -> tuple[jax.Array, jax.Array]:
-        """Runs blocks 0..n_layers-1 on x [B, T, D] and captures the residual after each layer in `capture`.
+                   capture: Sequence[int] = (), lora: StackedLora | None = None, remat: bool = False,
+                   start: int = 0) -> tuple[jax.Array, jax.Array]:
+        """Runs blocks start..n_layers-1 on x [B, T, D] and captures the residual after each layer in `capture`.
 
         valid: [B, T] bool (False = padding). Returns (x after block n_layers-1, captured [C, B, T, D] float32
-        in the order of `capture`).
+        in the order of `capture`). With `start` = L + 1, x is a residual after block L (layer L, e.g. one
+        spliced in by `lgeo_jax.lora.splice`): each block still reads its own weights, window and LoRA factors.
         """
+        if not 0 <= start <= n_layers:
+            raise ValueError(f"run_blocks: start {start} must lie in 0..n_layers ({n_layers})")
+        if any(not start <= layer < n_layers for layer in capture):
+            raise ValueError(f"run_blocks: capture {list(capture)} must lie in {start}..{n_layers - 1}")
         cfg = self.config
         windows = jnp.asarray(cfg.layer_windows()[:n_layers], jnp.int32)  # [L]; 0 = global
         slots = np.full((n_layers,), -1, np.int32)
@@ -94,7 +99,7 @@ class Gemma2(nnx.Module):
             return x, captured
 
         captured = constrain(jnp.zeros((len(capture),) + x.shape, jnp.float32), (None, "batch", None, None))
-        return jax.lax.fori_loop(0, n_layers, body, (x, captured))
+        return jax.lax.fori_loop(start, n_layers, body, (x, captured))
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final norm, tied LM head and final softcap: [B, T, D] -> [B, T, V] float32."""

@@ -44,8 +44,8 @@ def crosscoder_section(results: Mapping[str, Any]) -> str:
             s = r["scaling"][pool]
             scaling_rows.append([*name, pool, str(s["nu_recon"]["n"]), ci(s["nu_recon"]), ci(s["nu_error"])])
         comp = r.get("vs_delta_sae")
-        if comp and comp.get("n_latents"):
-            sae_rows.append([*name, str(comp["n_latents"]), ci(comp["max_cosine"], verdict=True),
+        if comp and "max_cosine" in comp:
+            sae_rows.append([*name, str(comp["n_latents"]), str(comp["sae_rows"]), ci(comp["max_cosine"], verdict=True),
                              ci(comp["null_random"]), ci(comp["null_random_init"]), fmt(comp["matched_cosine"]),
                              ci(comp["null_matched_cosine"])])
     out = [head, table(["crosscoder", "rank", "layer", *(f"{c} (random init)" for c in CLASS_NAMES),
@@ -54,11 +54,12 @@ def crosscoder_section(results: Mapping[str, Any]) -> str:
                                      "ν error"], scaling_rows)]
     if sae_rows:
         out += ["Adapter-only directions (adapter decoder minus base decoder) against the delta SAE's decoder rows "
-                "(▲ above the random-direction null):",
-                table(["crosscoder", "rank", "layer", "latents", "mean max-cos", "null: random directions",
+                "live on the crosscoder's held-out rows; ▲ above the random-direction null):",
+                table(["crosscoder", "rank", "layer", "latents", "SAE rows", "mean max-cos", "null: random directions",
                        "null: random-init crosscoder", "matched cos", "null: matched"], sae_rows)]
     else:
-        out.append("No adapter-only latents (or no delta SAE of the same seed) to compare with the delta SAEs.")
+        out.append("No adapter-only latents (or no delta SAE of the same seed with live rows) to compare with "
+                   "the delta SAEs.")
     return "\n\n".join(out)
 
 

@@ -6,7 +6,8 @@ can be filtered without knowing the record's nesting. A measured number `{"value
 "vs_null"}` gives the rows `<metric>`, `<metric>.ci_low`, `<metric>.ci_high` and `<metric>.vs_null`
 (+1 above its null's interval, -1 below, 0 indistinguishable). Table `saes` holds the SAEs' training
 health (one row per metric and (adapter, layer, seed); base SAEs have adapter `base`), `table2` the
-adapters, `table10_k` the k sweep and `density` the trends of L0 with rank (per layer) and depth (per adapter).
+adapters, `table10_k` the k sweep, `lora_span` the LoRA-weight linkage (each number's random-subspace null as
+`<metric>.null`) and `density` the trends of L0 with rank (per layer) and depth (per adapter).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 from lgeo_jax.report import _paper as paper
 
 FIELDS = ("table", "adapter", "rank", "layer", "metric", "value", "paper")
-CELL_TABLES = ("table4", "table5", "table6", "table7", "table8", "table9", "table10", "table10_k", "table11")
+CELL_TABLES = ("table4", "table5", "table6", "table7", "table8", "table9", "table10", "table10_k", "table11",
+               "lora_span")
 HEALTH_METRICS = ("l0", "dead_fraction", "cos_to_init_median", "moved_fraction", "heldout_fvu", "healthy")
 
 

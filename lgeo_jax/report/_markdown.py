@@ -14,6 +14,8 @@ from typing import Any
 from lgeo_jax.report import _paper as paper
 from lgeo_jax.report._crosscoder import crosscoder_section
 from lgeo_jax.report._figures import paper_value
+from lgeo_jax.report._lora_span import lora_span_section
+from lgeo_jax.report._splice import splice_section
 from lgeo_jax.report._view import OUTSIDE, VERDICT, VERDICT_WORDS, View, ci, fmt, get, table, value_of
 
 HEALTH_COLUMNS = (("L0", "l0", 1), ("dead fraction", "dead_fraction", 3),
@@ -258,8 +260,12 @@ def _table9(view: View) -> str:
             ("% < 0.3", _measure_col(view, "table9", f"{est}.pct_below", 1, True)),
             ("% > 0.7", _measure_col(view, "table9", f"{est}.pct_above", 1, True)),
             ("mutual-nearest fraction", _measure_col(view, "table9", f"{est}.mnn", 3, True)),
+            ("one-to-one matched cosine", _measure_col(view, "table9", "matched_cosine", 4, True)),
             ("null: random-init SAE, mean", _measure_col(view, "table9", "random_init.mean", 4)),
             ("null: random directions, mean", random), ("null: random directions, mutual-nearest", mnn_null),
+            ("null: matched cosine, random-init / random directions", lambda a, layer: (
+                f"{ci(view.value(a, layer, 'table9', 'matched_cosine.random_init'), 4)} / "
+                f"{ci(view.value(a, layer, 'table9', 'matched_cosine.null'), 4)}")),
             ("ceiling: seed to seed, mean", _measure_col(view, "table9", "seed_to_seed.mean", 4)),
             ("base SAE vs dictionary, mean", _measure_col(view, "table9", "base_vs_dictionary.mean", 4))]
     if view.with_paper:
@@ -267,7 +273,10 @@ def _table9(view: View) -> str:
             paper_value("table9", f"{est}.mean", view.ranks[a], layer), 4)))
     out = (f"Max cosine of each live delta-SAE decoder row with {_dictionary_name(view)}'s rows, mean over every seed "
            "[95% CI over latents and seeds]; verdicts against the random-init SAE. The seed-to-seed column is an "
-           "agreement ceiling (two SAEs of the same data), not a null.\n\n" + view.long(cols))
+           "agreement ceiling (two SAEs of the same data), not a null. One-to-one matched cosine: the mean cosine of "
+           "the Hungarian matching that pairs each delta row with a different dictionary row (maximum total "
+           "cosine; CI over matched pairs and seeds, the matching held fixed), where max-cosine lets many rows "
+           "share one nearest row.\n\n" + view.long(cols))
     if view.with_paper:
         ours = {(view.ranks[a], layer) for a, layer in view.cells()}
         extra = [[f"r{r}", f"paper L{layer}", fmt(v.get("mean"), 4), fmt(v.get("median"), 4),
@@ -422,9 +431,12 @@ def _verdict_summary(view: View) -> str:
         ("Table 8 overlap vs shuffled tokens", "table8", "all.overlap"),
         ("Table 9 mean max-cosine vs random-init SAE", "table9", "delta_vs_dictionary.mean"),
         ("Table 9 mutual-nearest fraction vs random-init SAE", "table9", "delta_vs_dictionary.mnn"),
+        ("Table 9 one-to-one matched cosine vs random-init SAE", "table9", "matched_cosine"),
         ("Table 10 mean angle vs random-init SAE", "table10", "delta_vs_dictionary.mean"),
         ("Table 11 CKA(δ, h_base) vs shuffled", "table11", "delta_base"),
         ("Table 11 CKA(h_base, h_adapted) vs shuffled", "table11", "base_adapted"),
+        ("LoRA span: share of δ in the span vs random subspaces", "lora_span", "delta_variance_in_span"),
+        ("LoRA span: δ's effective rank vs a signal filling the span", "lora_span", "effective_rank"),
     )
     lines = []
     for label, table_name, path in checks:
@@ -460,6 +472,8 @@ def render_markdown(results: Mapping[str, Any], *, title: str, with_paper: bool,
         ("Feature density by rank and depth", lambda: _density(results, view)),
         ("Table 12: L1 sweep", lambda: _table12(results, with_paper)),
         ("Crosscoders between the base and adapted models", lambda: crosscoder_section(results)),
+        ("LoRA-span linkage: is δ where the adapter's weights can write?", lambda: lora_span_section(results, view)),
+        ("Splice evaluation: does the delta SAE explain the adapter's effect?", lambda: splice_section(results)),
     ]
     sections += [f"## {heading}\n\n{render()}" for heading, render in tables]
     if plots:

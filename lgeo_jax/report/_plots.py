@@ -21,6 +21,7 @@ from matplotlib.patches import Patch
 
 from lgeo_jax.files import atomic_save_figure
 from lgeo_jax.report._crosscoder import crosscoder_plots
+from lgeo_jax.report._splice import splice_plots
 
 Figure = tuple[str, str]  # (file name, caption)
 COMPARISON_STYLE = {  # comparison -> (label, colour)
@@ -323,10 +324,55 @@ def density(results: Mapping[str, Any], out_dir: Path, fmt: str) -> Figure:
     return _save(fig, out_dir, "density", fmt), caption
 
 
+def lora_span_plot(results: Mapping[str, Any], out_dir: Path, fmt: str) -> list[Figure]:
+    """Share of δ in the span against its random-subspace null, per layer, one line per adapter."""
+    meta = results["meta"]
+    adapters, layers = meta["adapters"], meta["layers"]
+    recs = {(a, layer): results["layers"][f"L{layer}"]["adapters"][a].get("lora_span")
+            for a in adapters for layer in layers}
+    if not any(r and r["span_dim"] for r in recs.values()):
+        return []
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    x = np.asarray(layers, float)
+    for i, a in enumerate(adapters):
+        shares = [(recs[(a, layer)] or {}).get("delta_variance_in_span") for layer in layers]
+        values = np.array([_num(m) for m in shares])
+        lo, hi = np.array([_bounds(m) for m in shares]).T
+        offset = (i - (len(adapters) - 1) / 2) * 0.06
+        left.errorbar(x + offset, values, yerr=_yerr(values, lo, hi), fmt="o-", color=f"C{i}", capsize=3, label=a)
+        nulls = [(m or {}).get("null") for m in shares]
+        left.plot(x, [_num(m) for m in nulls], ":", color=f"C{i}", label=f"{a} null (random S-dim subspace)")
+        left.fill_between(x, *np.array([_bounds(m) for m in nulls]).T, color=f"C{i}", alpha=0.15)
+        dims = [(recs[(a, layer)] or {}).get("span_dim", np.nan) for layer in layers]
+        right.plot(x, dims, "o-", color=f"C{i}", label=f"{a}: span dim S")
+        ranks = [_num((recs[(a, layer)] or {}).get("effective_rank")) for layer in layers]
+        right.plot(x, ranks, "s--", color=f"C{i}", label=f"{a}: effective rank of δ")
+    d_model = results["meta"].get("d_model")
+    if d_model:
+        right.axhline(d_model, color="k", linewidth=0.8, label="d_model")
+    for ax in (left, right):
+        ax.set_xticks(layers, [str(layer) for layer in layers])
+        ax.set_xlabel("layer")
+        ax.legend(fontsize=6, ncol=2)
+    left.set_ylim(0, 1.02)
+    left.set_ylabel("share of δ's (uncentred) variance in the span")
+    left.set_title("δ inside the LoRA write span")
+    right.set_ylim(bottom=0)
+    right.set_ylabel("dimensions")
+    right.set_title("span dimension and δ's effective rank")
+    fig.tight_layout()
+    caption = ("Left: the share of δ's variance inside the subspace the adapter's o_proj / down_proj factors can write "
+               "into by each layer, with 95% prompt-bootstrap intervals; dotted lines and bands: the same share in "
+               "random subspaces of the span's dimension (a signal sits above its band; at S = d_model both are 1). "
+               "Right: the span's dimension, δ's effective rank (participation ratio) and d_model.")
+    return [(_save(fig, out_dir, "lora_span", fmt), caption)]
+
+
 def write_plots(results: Mapping[str, Any], arrays: Mapping[int, Mapping[str, np.ndarray]], out_dir: Path,
                 fmt: str = "png") -> list[Figure]:
     """Every figure into `out_dir`; returns (file name, caption) pairs."""
     return [*heatmaps(results, out_dir, fmt), max_cosine_histograms(results, arrays, out_dir, fmt),
             angle_spectra(results, arrays, out_dir, fmt), k_sweep(results, arrays, out_dir, fmt),
             cka_by_layer(results, out_dir, fmt), density(results, out_dir, fmt),
-            *crosscoder_plots(results, out_dir, fmt)]
+            *lora_span_plot(results, out_dir, fmt), *crosscoder_plots(results, out_dir, fmt),
+            *splice_plots(results, out_dir, fmt)]

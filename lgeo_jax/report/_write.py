@@ -13,6 +13,7 @@ from lgeo_jax.report._config import ReportConfig
 from lgeo_jax.report._crosscoder import crosscoder_rows
 from lgeo_jax.report._figures import figure_rows, rows_to_csv
 from lgeo_jax.report._markdown import render_markdown
+from lgeo_jax.report._splice import splice_rows
 
 REPORT_FILE = "report.md"
 FIGURES_CSV = "figures.csv"
@@ -34,7 +35,7 @@ def write_report(results: Mapping[str, Any], arrays: Mapping[int, Mapping[str, n
         from lgeo_jax.report._plots import write_plots  # matplotlib only when plotting
 
         plots = write_plots(results, arrays, out_dir, config.plot_format.value)
-    rows = figure_rows(results) + crosscoder_rows(results)
+    rows = figure_rows(results) + crosscoder_rows(results) + splice_rows(results)
     atomic_write_text(out_dir / FIGURES_CSV, rows_to_csv(rows))
     atomic_write_json(out_dir / FIGURES_JSON, {"results": results, "rows": rows})
     atomic_write_text(out_dir / REPORT_FILE, render_markdown(results, title=config.title or default_title,

@@ -8,6 +8,7 @@ import enum
 from collections.abc import Callable, Iterator
 
 from lgeo_jax.config import (
+    DType,
     Problem,
     Section,
     at_least,
@@ -193,6 +194,9 @@ class SAETrainConfig(_ArchitectureChecks, Section):
     adam_b1: float = field(0.9, check=in_range(0.0, 1.0, hi_open=True))
     adam_b2: float = field(0.999, check=in_range(0.0, 1.0, hi_open=True))
     batch_size: int = field(512, check=greater(0))
+    # bfloat16: the training matmuls (encoder, decoder and their gradients) multiply operands rounded to bf16 with
+    # float32 accumulation; weights, gradients, Adam and everything else stay float32 (bench/sae.md: its effect)
+    matmul_dtype: DType = field(DType.FLOAT32)
     epochs: int | None = field(check=greater(0), derived=lambda s: 10 if s.token_budget is None and s.steps is None
                                else None)
     token_budget: int | None = field(None, check=greater(0))
@@ -230,6 +234,11 @@ class SAETrainConfig(_ArchitectureChecks, Section):
     def dead_window_steps(self, total: int) -> int:
         """Steps a latent must stay silent to count as dead: `dead_window_fraction` of a `total`-step run."""
         return max(1, int(round(self.dead_window_fraction * total)))
+
+    @property
+    def low_precision(self) -> str | None:
+        """The dtype the training matmuls round their operands to (`matmul_dtype`), None for float32."""
+        return None if self.matmul_dtype is DType.FLOAT32 else self.matmul_dtype.value
 
     @property
     def unit_decoder(self) -> bool:

@@ -72,12 +72,27 @@ def _heaviside_bwd(bandwidth, res, g):
 heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
 
 
-def batch_topk(pre: Float[Array, "B F"], k: int) -> Float[Array, "B F"]:
-    """The ``k * B`` largest ReLU activations of the whole batch kept, the rest zeroed (SAELens BatchTopK)."""
+def batch_topk(pre: Float[Array, "B F"], k: int, weight: Float[Array, " F"] | None = None) -> Float[Array, "B F"]:
+    """The ``k * B`` largest ReLU activations of the whole batch kept, the rest zeroed (SAELens BatchTopK);
+    with ``weight``, ranked by ``activation * weight`` (the crosscoder's decoder-norm sums) but kept unscaled."""
     acts = jax.nn.relu(pre)
-    flat = acts.reshape(-1)  # [B * F]
-    values, idx = jax.lax.top_k(flat, k * pre.shape[0])
-    return jnp.zeros_like(flat).at[idx].set(values).reshape(acts.shape)
+    scored = (acts if weight is None else acts * weight).reshape(-1)  # [B * F]
+    _, idx = jax.lax.top_k(scored, k * pre.shape[0])
+    keep = jnp.zeros(scored.shape, bool).at[idx].set(True).reshape(acts.shape)
+    return jnp.where(keep, acts, 0.0)
+
+
+def batch_metrics(x: Float[Array, "B D"], x_hat: Float[Array, "B D"], f: Float[Array, "B F"],
+                  score: Float[Array, "B F"] | None = None) -> dict[str, jax.Array]:
+    """What every trainer logs of one batch: squared error summed over d and averaged over tokens (`mse`, the
+    loss's reconstruction term), L0, FVU, which latents fired, and the smallest kept ``score`` (default f:
+    BatchTopK's running threshold follows it)."""
+    sq_err = jnp.sum((x_hat - x) ** 2, axis=-1)  # [B]
+    active = f > 0  # [B, F]
+    score = f if score is None else score
+    return {"mse": jnp.mean(sq_err), "l0": jnp.mean(jnp.sum(active, axis=-1)),
+            "fvu": jnp.sum(sq_err) / jnp.sum((x - jnp.mean(x, axis=0)) ** 2), "fired": jnp.any(active, axis=0),
+            "min_active": jnp.min(jnp.where(active, score, jnp.inf))}
 
 
 def auxk_loss(pre: Float[Array, "B F"], x: Float[Array, "B D"], x_hat: Float[Array, "B D"],
@@ -105,16 +120,15 @@ def training_loss(params: Params, x: Float[Array, "B D"], l1: jax.Array, dead: B
     before its coefficient (L1, L0 or AuxK). ``with_auxk=False`` leaves AuxK out: exact when no latent is
     dead (the term and its gradient are then 0), and saves its top-k and decoder pass."""
     arch = cfg.architecture
-    pre = pre_activations(params, x, cfg)  # [B, F]
+    pre = pre_activations(params, x, cfg, train_cfg.low_precision)  # [B, F]
     if arch is Arch.JUMPRELU:
         f = jumprelu(pre, params["threshold"], train_cfg.jumprelu_bandwidth)
     elif arch is Arch.BATCHTOPK:
         f = batch_topk(pre, cfg.k)
     else:
         f = activate(params, pre, cfg)  # ReLU and TopK train as they run
-    x_hat = decode(params, f)  # [B, D]
-    sq_err = jnp.sum((x_hat - x) ** 2, axis=-1)  # [B]
-    mse = jnp.mean(sq_err)
+    x_hat = decode(params, f, train_cfg.low_precision)  # [B, D]
+    metrics = batch_metrics(x, x_hat, f)
     if arch is Arch.RELU:
         weighted = f * jnp.linalg.norm(params["W_dec"], axis=-1) if train_cfg.sparsity is Sparsity.DECODER_NORM else f
         penalty = jnp.mean(jnp.sum(weighted, axis=-1))
@@ -127,10 +141,4 @@ def training_loss(params: Params, x: Float[Array, "B D"], l1: jax.Array, dead: B
         sparsity = train_cfg.auxk_coeff * penalty
     else:
         penalty = sparsity = jnp.zeros((), jnp.float32)
-    var = jnp.sum((x - jnp.mean(x, axis=0)) ** 2)
-    active = f > 0  # [B, F]
-    aux = {"mse": mse, "penalty": penalty, "l0": jnp.mean(jnp.sum(active, axis=-1)),
-           "fvu": jnp.sum(sq_err) / var, "fired": jnp.any(active, axis=0),
-           # the smallest kept activation: BatchTopK's running threshold follows it
-           "min_active": jnp.min(jnp.where(active, f, jnp.inf))}
-    return mse + sparsity, aux
+    return metrics["mse"] + sparsity, {**metrics, "penalty": penalty}

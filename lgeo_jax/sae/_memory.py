@@ -26,9 +26,9 @@ class SAEMemory:
     def total(self) -> int:
         return self.params + self.grads + self.adam + self.activations
 
-    def describe(self) -> str:
+    def describe(self, what: str = "SAEs") -> str:
         gib = 2**30
-        return (f"{self.saes_per_device} SAEs x {self.tokens_per_device} tokens per device: params "
+        return (f"{self.saes_per_device} {what} x {self.tokens_per_device} tokens per device: params "
                 f"{self.params / gib:.2f} GiB, grads {self.grads / gib:.2f}, Adam {self.adam / gib:.2f}, "
                 f"activations {self.activations / gib:.2f}; total {self.total / gib:.2f} GiB")
 

@@ -11,6 +11,7 @@ original units.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +45,50 @@ def init_params(key: jax.Array, cfg: SAEConfig) -> Params:
     return params
 
 
-def pre_activations(params: Params, x: Float[Array, "B D"], cfg: SAEConfig) -> Float[Array, "B F"]:
-    """Encoder pre-activations; ReLU / TopK / BatchTopK subtract b_dec from the input first, JumpReLU does not."""
-    if cfg.architecture.subtracts_b_dec:
-        x = x - params["b_dec"]
-    return jnp.einsum("bd,df->bf", x, params["W_enc"]) + params["b_enc"]  # [B, F]
+def matmul(x: Float[Array, "B K"], w: Float[Array, "K N"], dtype: str | None = None) -> Float[Array, "B N"]:
+    """``x @ w`` in float32 or, with ``dtype`` ("bfloat16"), on operands rounded to it with float32 accumulation,
+    in the backward pass too: the gradients ``g w^T`` and ``x^T g`` multiply the rounded operands and the output
+    gradient rounded to ``dtype`` (float32 master weights and gradients either way)."""
+    if dtype is None:
+        return jnp.einsum("bk,kn->bn", x, w)
+    return _low_precision_matmul(x, w, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _low_precision_matmul(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
+    return jnp.einsum("bk,kn->bn", x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _low_precision_fwd(x, w, dtype):
+    x_low, w_low = x.astype(dtype), w.astype(dtype)
+    return jnp.einsum("bk,kn->bn", x_low, w_low, preferred_element_type=jnp.float32), (x_low, w_low)
+
+
+def _low_precision_bwd(dtype, res, g):
+    x_low, w_low = res
+    g_low = g.astype(dtype)  # [B, N]
+    dx = jnp.einsum("bn,kn->bk", g_low, w_low, preferred_element_type=jnp.float32)  # [B, K]
+    dw = jnp.einsum("bk,bn->kn", x_low, g_low, preferred_element_type=jnp.float32)  # [K, N]
+    return dx, dw
+
+
+_low_precision_matmul.defvjp(_low_precision_fwd, _low_precision_bwd)
+
+
+def pre_activations(params: Params, x: Float[Array, "B D"], cfg: SAEConfig,
+                    matmul_dtype: str | None = None) -> Float[Array, "B F"]:
+    """Encoder pre-activations; ReLU / TopK / BatchTopK subtract b_dec from the input first, JumpReLU does not.
+    ``matmul_dtype``: see `matmul` (None: float32)."""
+    w_enc, b_enc = params["W_enc"], params["b_enc"]
+    if not cfg.architecture.subtracts_b_dec:
+        return matmul(x, w_enc, matmul_dtype) + b_enc  # [B, F]
+    # (x - b_dec) W_enc, with b_dec's gradient taken through `b_dec - stop_gradient(b_dec)` (exactly 0 forward, so
+    # the values are unchanged): autodiff of (x - b_dec) W_enc would form d_pre W_enc^T, a [B, F] x [F, D] GEMM
+    # (1/6 of a training step's FLOPs), only to sum it over tokens; this way it is the GEMV
+    # -(sum_b d_pre) W_enc^T (bench/README.md (b)).
+    b_dec = params["b_dec"]
+    centred = matmul(x - jax.lax.stop_gradient(b_dec), w_enc, matmul_dtype)  # [B, F]
+    return centred - jnp.einsum("d,df->f", b_dec - jax.lax.stop_gradient(b_dec), w_enc) + b_enc  # [B, F]
 
 
 def activate(params: Params, pre: Float[Array, "B F"], cfg: SAEConfig) -> Float[Array, "B F"]:
@@ -67,8 +107,8 @@ def encode(params: Params, x: Float[Array, "B D"], cfg: SAEConfig) -> Float[Arra
     return activate(params, pre_activations(params, x, cfg), cfg)
 
 
-def decode(params: Params, f: Float[Array, "B F"]) -> Float[Array, "B D"]:
-    return jnp.einsum("bf,fd->bd", f, params["W_dec"]) + params["b_dec"]  # [B, D]
+def decode(params: Params, f: Float[Array, "B F"], matmul_dtype: str | None = None) -> Float[Array, "B D"]:
+    return matmul(f, params["W_dec"], matmul_dtype) + params["b_dec"]  # [B, D]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ from lgeo_jax.stages._layout import (
     records_path,
     results_path,
     sae_mesh,
+    stage_devices,
     stage_mesh,
     sweep_path,
 )
@@ -36,6 +37,7 @@ from lgeo_jax.stages._manifest import (
     StageState,
     Status,
 )
+from lgeo_jax.stages._peers import PeerFailed, Peers, job_peers
 from lgeo_jax.stages._pipeline import (
     CONFIG_FILE,
     PIPELINE,
@@ -57,11 +59,10 @@ from lgeo_jax.stages._plan import (
 )
 
 __all__ = [
-    "CONFIG_FILE", "MANIFEST_NAME", "Manifest", "PIPELINE", "ResourceError", "RollbackError", "Run", "STAGE_NAMES",
-    "Stage", "StageCheck", "StageNeeds", "StageOutcome", "StageRun", "StageSpec", "StageState", "Status",
-    "adapter_dirs", "base_checkpoint", "base_sae_dir", "check_resources", "corpus_size_bytes", "corpus_store",
-    "delta_sae_dir", "device_summary", "health_path", "layer_arrays_path", "load_records", "load_tokenizer", "open_run",
-    "plan_refusal", "plan_text", "records_path", "results_path", "run_stages", "sae_mesh", "stage_mesh", "stage_needs",
-    "sweep_path",
-    "upstream_of",
+    "CONFIG_FILE", "MANIFEST_NAME", "Manifest", "PIPELINE", "PeerFailed", "Peers", "ResourceError", "RollbackError",
+    "Run", "STAGE_NAMES", "Stage", "StageCheck", "StageNeeds", "StageOutcome", "StageRun", "StageSpec", "StageState",
+    "Status", "adapter_dirs", "base_checkpoint", "base_sae_dir", "check_resources", "corpus_size_bytes",
+    "corpus_store", "delta_sae_dir", "device_summary", "health_path", "job_peers", "layer_arrays_path",
+    "load_records", "load_tokenizer", "open_run", "plan_refusal", "plan_text", "records_path", "results_path",
+    "run_stages", "sae_mesh", "stage_devices", "stage_mesh", "stage_needs", "sweep_path", "upstream_of",
 ]

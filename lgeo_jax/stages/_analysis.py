@@ -2,7 +2,8 @@
 into `results.json`.
 
 Reads the corpus store and its `stats.json` (`corpus`), the delta / base SAEs, the L1 sweep and the SAEs'
-training health (`saes`), the adapters' summary (Table 2), and each layer's reference dictionary:
+training health (`saes`), the adapters' summary (Table 2) and LoRA factors (the write span of the LoRA-span
+linkage), and each layer's reference dictionary:
 `analysis.dictionary_dirs`, a downloaded Gemma Scope, or the run's base SAE. Works layer by layer (one
 unit per layer: `layers/L<l>.json` + `layers/L<l>.npz` with the raw max-cosines, angles, spectra and
 per-prompt L0 sums, written atomically, then marked done), so a killed stage resumes at the next layer.
@@ -27,15 +28,18 @@ from lgeo_jax.analysis import (
     analyze_layer,
     density_trends,
     firing_counts,
+    lora_span,
     table2,
     table4,
     table12,
 )
 from lgeo_jax.corpus import BASE_NAME, Corpus, load_stats, open_corpus
 from lgeo_jax.files import atomic_write_json, atomic_write_npz, read_json
+from lgeo_jax.lora import load_adapter
 from lgeo_jax.model import Gemma2Config, abstract_model, count_params
 from lgeo_jax.sae import SAE, load_sae
 from lgeo_jax.stages._layout import (
+    adapter_dirs,
     base_sae_dir,
     corpus_store,
     delta_sae_dir,
@@ -145,6 +149,8 @@ def run_analysis(config: StudyConfig, stage: StageRun, run: Run) -> None:
         raise ValueError(f"corpus {corpus.url} has no deltas for adapters {missing}; rerun the corpus stage")
     nulls = NullCache(a.null_samples, a.null_seed, near_orthogonal=a.near_orthogonal_deg, aligned=a.aligned_deg,
                       chunk=a.max_cosine_chunk)
+    # the LoRA factors, for the subspace each adapter can write into the residual stream (`lora_span`)
+    factors = {name: load_adapter(path) for name, path in zip(adapters, adapter_dirs(run, config), strict=True)}
     todo = [layer for layer in config.extract.layers if not stage.is_done(f"L{layer}")]
     n_train_arrays = len(adapters) + 1
     total = len(todo) * (corpus.n_rows(train_split) * n_train_arrays + corpus.n_rows(split) * len(adapters))
@@ -163,7 +169,8 @@ def run_analysis(config: StudyConfig, stage: StageRun, run: Run) -> None:
             record, arrays = analyze_layer(
                 layer, saes, corpus.split_rows(split, BASE_NAME, layer), sample_index,
                 delta_of=lambda name, layer=layer: corpus.split_rows(split, name, layer), firing=firing, config=a,
-                nulls=nulls, on_tokens=bar.update,
+                nulls=nulls, spans={name: lora_span(f, layer, corpus.d_model, rtol=a.span_rtol)
+                                    for name, f in factors.items()}, on_tokens=bar.update,
                 on_phase=lambda text, layer=layer: bar.set_postfix_str(f"layer {layer}: {text}"))
             layer_arrays_path(run, layer).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_npz(layer_arrays_path(run, layer), arrays)

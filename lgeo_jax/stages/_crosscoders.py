@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lgeo_jax.analysis import analyze_crosscoder
+from lgeo_jax.analysis import analyze_crosscoder, live_sae_rows
 from lgeo_jax.corpus import BASE_NAME, CorpusSource, open_corpus
 from lgeo_jax.crosscoder import PairSource, crosscoder_health, initial_decoder, train_crosscoders
 from lgeo_jax.files import atomic_write_json, atomic_write_npz
@@ -29,9 +29,9 @@ from lgeo_jax.study import StudyConfig
 
 def crosscoder_reads(config: StudyConfig) -> dict[str, Any]:
     """What the stage reads outside its own and its inputs' sections."""
-    return {"analysis.eval_split": config.analysis.eval_split, "analysis.null_samples": config.analysis.null_samples,
-            "analysis.null_seed": config.analysis.null_seed, "analysis.n_boot": config.analysis.n_boot,
-            "analysis.confidence": config.analysis.confidence}
+    return {"analysis.eval_split": config.analysis.eval_split, "analysis.live_density": config.analysis.live_density,
+            "analysis.null_samples": config.analysis.null_samples, "analysis.null_seed": config.analysis.null_seed,
+            "analysis.n_boot": config.analysis.n_boot, "analysis.confidence": config.analysis.confidence}
 
 
 def crosscoder_results_path(stage_dir: Path) -> Path:
@@ -81,7 +81,9 @@ def run_crosscoders(config: StudyConfig, stage: StageRun, run: Run) -> None:
     for i, ((name, adapter, layer, seed), init, cc, metrics) in enumerate(zip(entries, seeds, result.crosscoders,
                                                                              result.final_metrics, strict=True)):
         sae_dir = delta_sae_dir(run, ranks[adapter], layer, seed)
-        sae_rows = load_sae(sae_dir).params["W_dec"] if sae_dir.is_dir() else None  # seeds beyond sae.seeds: none
+        d = corpus.d_model  # the delta SAE's live rows on the crosscoder's held-out deltas (no SAE: seed not trained)
+        sae_rows = (live_sae_rows(load_sae(sae_dir), held[i][:, d:] - held[i][:, :d], config.analysis.live_density)
+                    if sae_dir.is_dir() else None)
         record, arrays = analyze_crosscoder(cc, held[i], sae_rows, null_samples=config.analysis.null_samples,
                                             seed=config.analysis.null_seed, n_boot=config.analysis.n_boot,
                                             level=config.analysis.confidence)

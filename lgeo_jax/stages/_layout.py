@@ -132,10 +132,26 @@ def device_memory(config: StudyConfig) -> int | None:
     return None if device.platform == "cpu" else (device.memory_stats() or {}).get("bytes_limit")
 
 
+def stage_devices() -> list[jax.Device] | None:
+    """The devices a stage runs on: every device (None) in a job of one process; in a job of several, this
+    process's own, since the stage a job of several processes runs (the corpus) gives each process its own
+    share of the batches. (Training across hosts, fed by each host's rows, is a further step: issue 13,
+    Build item 2.)"""
+    return None if jax.process_count() == 1 else jax.local_devices()
+
+
 def stage_mesh(config: StudyConfig, base_dir: Path) -> Mesh:
-    """The mesh the adapters and corpus stages load the model of `base_dir` onto (every global device)."""
+    """The mesh the adapters and corpus stages load the model of `base_dir` onto (`stage_devices`)."""
     cfg = Gemma2Config.from_hf_dir(base_dir)
-    return make_mesh(**mesh_sizes(config, cfg, jax.device_count(), device_memory(config)))
+    devices = stage_devices()
+    n = jax.device_count() if devices is None else len(devices)
+    try:
+        return make_mesh(**mesh_sizes(config, cfg, n, device_memory(config)), devices=devices)
+    except ValueError as e:
+        if devices is None:
+            raise
+        raise ValueError(f"{e} (in a job of {jax.process_count()} processes the mesh is one process's {n} "
+                         "devices)") from None
 
 
 def mesh_is_auto(config: StudyConfig) -> bool:

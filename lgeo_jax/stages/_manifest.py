@@ -18,8 +18,8 @@ drops it) or fails (then puts it back, after the failed attempt's writers have g
 a killed attempt is resolved at the next start (restored or removed, said in the log). lgeo never
 replaces a directory it did not write: one without an lgeo manifest is refused by name. One process
 writes a run directory at a time (`Run.lock`). Call the writing functions from one process (process 0 on
-multi-host runs). The loop that begins, runs and finishes stages is `lgeo_jax.stages.run_stages`; inside
-a stage function::
+multi-process runs; the others see a stage through `Run.view`, which refuses to write). The loop that
+begins, runs and finishes stages is `lgeo_jax.stages.run_stages`; inside a stage function::
 
     for unit in units:                            # e.g. "r4/L5"
         if stage.is_done(unit):
@@ -453,6 +453,15 @@ class Run:
         atomic_write_json(directory / MANIFEST_NAME, manifest.to_json())
         return StageRun(directory, manifest, previous=previous)
 
+    def view(self, name: str) -> StageRun:
+        """A stage as the other processes of a multi-process job see it once process 0 has begun it: its
+        directory and manifest, read-only (they write only their own files inside it)."""
+        manifest = self.manifest(name)
+        if manifest is None:
+            raise ValueError(f"stage '{name}': no manifest in {self.stage_dir(name)} although process 0 began it; "
+                             "the processes must share the run directory (--out on a shared filesystem)")
+        return StageRun(self.stage_dir(name), manifest, writable=False)
+
     def _existing_downstream(self, name: str) -> tuple[str, ...]:
         return tuple(d for d in self.downstream(name) if (self.stage_dir(d) / MANIFEST_NAME).exists())
 
@@ -493,10 +502,11 @@ def _put_back(previous: Path, directory: Path) -> None:
 class StageRun:
     """An open stage: records progress in its manifest (atomically) and marks it complete."""
 
-    def __init__(self, path: Path, manifest: Manifest, previous: Path | None = None):
+    def __init__(self, path: Path, manifest: Manifest, previous: Path | None = None, *, writable: bool = True):
         self.path = path
         self._manifest = manifest
         self._previous = previous  # the output this attempt replaces, restored by `abort`
+        self._writable = writable  # False on the processes of a job other than process 0 (`Run.view`)
 
     @property
     def manifest(self) -> Manifest:
@@ -553,6 +563,8 @@ class StageRun:
         self._previous = None
 
     def _write(self, **changes: Any) -> None:
+        if not self._writable:
+            raise ValueError(f"stage '{self._manifest.stage}': only process 0 writes the manifest")
         if self.is_complete:
             raise ValueError(f"stage '{self._manifest.stage}' is complete; begin it with force to change it")
         manifest = dataclasses.replace(self._manifest, updated=_now(), **changes)

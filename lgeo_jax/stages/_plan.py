@@ -13,13 +13,15 @@ from collections.abc import Iterable
 import jax
 import jax.numpy as jnp
 
+from lgeo_jax.analysis import SPLICES
 from lgeo_jax.config import is_placeholder
+from lgeo_jax.crosscoder import CrossArch
 from lgeo_jax.lora import target_dims
 from lgeo_jax.model import Gemma2Config, abstract_model, count_params
-from lgeo_jax.sae import estimate_sae_memory
+from lgeo_jax.sae import Arch, estimate_sae_memory
 from lgeo_jax.sharding import MESH_AXES
 from lgeo_jax.stages._corpus import corpus_size_bytes
-from lgeo_jax.stages._layout import mesh_is_auto, mesh_sizes, weight_bytes
+from lgeo_jax.stages._layout import mesh_is_auto, mesh_sizes, stage_devices, weight_bytes
 from lgeo_jax.stages._saes import trains_base_saes
 from lgeo_jax.study import StudyConfig
 
@@ -153,6 +155,14 @@ def _sae_lines(config: StudyConfig, cfg: Gemma2Config) -> list[str]:
         mem = estimate_sae_memory(cfg.d_model, width, n_delta + n_base, s.batch_size, {"model": devices, "data": 1},
                                   arch=s.architecture)
         lines.append(f"  on {devices} device(s), SAE axis sharded: {mem.describe()}")
+    if config.crosscoder.enabled:
+        c = config.crosscoder
+        n, _ = _crosscoder_memory(config, cfg.d_model, 1, None)
+        lines.append(f"Crosscoders: {n} of 2 x {cfg.d_model} -> {c.width} ({c.architecture.value}), batch "
+                     f"{c.batch_size}, float32 with Adam, trained in one job:")
+        for devices in (1, 8):
+            _, mem = _crosscoder_memory(config, cfg.d_model, devices, {"model": devices, "data": 1, "fsdp": 1})
+            lines.append(f"  on {devices} device(s), crosscoder axis sharded: {mem.describe('crosscoders')}")
     return lines
 
 
@@ -246,6 +256,8 @@ def stage_needs(config: StudyConfig, n_devices: int, mesh: dict[str, int] | None
                                  device_parts=(("weights", weights), ("activations (one batch)", local)))
     sae_layout = None if mesh_is_auto(config) else mesh
     needs["saes"] = _sae_needs(config, cfg.d_model, config.sae.resolved_width(cfg.d_model), n_devices, sae_layout)
+    needs["crosscoders"] = _crosscoder_needs(config, cfg.d_model, n_devices, sae_layout)
+    needs["evaluate"] = _evaluate_needs(config, cfg, weights, batch_split)
     needs["analysis"] = _analysis_needs(config, cfg.d_model, config.sae.resolved_width(cfg.d_model))
     needs["report"] = StageNeeds("report")
     return needs
@@ -269,14 +281,21 @@ def _sae_mesh(n_sae: int, n_devices: int) -> dict[str, int]:
     return {"model": model, "data": n_devices // model}
 
 
+def _job_layout(n_devices: int, mesh: dict[str, int] | None):
+    """Mesh sizes of a dictionary job of k members: `mesh` (the batch over data x fsdp, the members over model),
+    or, None, what `default_mesh(k)` makes."""
+    if mesh is None:
+        return lambda k: _sae_mesh(k, n_devices)
+    return lambda k: {"model": mesh["model"], "data": mesh["data"] * mesh["fsdp"]}
+
+
 def _sae_needs(config: StudyConfig, d_model: int, width: int, n_devices: int,
                mesh: dict[str, int] | None = None) -> StageNeeds:
     """`mesh`: the SAE jobs' {data, fsdp, model} sizes (None: `default_mesh`'s, per job); the batch splits over
     data x fsdp, the SAE axis over model."""
     s = config.sae
     n, n_sweep = _sae_counts(config)
-    layout = (lambda k: _sae_mesh(k, n_devices)) if mesh is None else (
-        lambda k: {"model": mesh["model"], "data": mesh["data"] * mesh["fsdp"]})
+    layout = _job_layout(n_devices, mesh)
     device = max(estimate_sae_memory(d_model, width, k, s.batch_size, layout(k),
                                      arch=s.architecture).total for k in (n, n_sweep) if k)
     one = _sae_bytes(d_model, width, config)
@@ -288,6 +307,48 @@ def _sae_needs(config: StudyConfig, d_model: int, width: int, n_devices: int,
                                   "activations)",
                       host_what=f"the trained weights of {max(n, n_sweep)} SAEs of width {width:,}",
                       disk_what=f"{n + n_sweep} SAEs of width {width:,} and their checkpoints")
+
+
+def _crosscoder_memory(config: StudyConfig, d_model: int, n_devices: int, mesh: dict[str, int] | None):
+    """(crosscoders in the job, their training memory per device): a crosscoder trains like an SAE of input
+    [h_base; h_adapted] (2 d_model wide), one job on the SAE jobs' mesh (`sae_mesh`)."""
+    c = config.crosscoder
+    n = len(config.lora.ranks) * len(config.extract.layers) * len(c.seeds)
+    arch = Arch.BATCHTOPK if c.architecture is CrossArch.BATCHTOPK else Arch.RELU  # the threshold vector or not
+    return n, estimate_sae_memory(2 * d_model, c.width, n, c.batch_size, _job_layout(n_devices, mesh)(n), arch=arch)
+
+
+def _crosscoder_needs(config: StudyConfig, d_model: int, n_devices: int,
+                      mesh: dict[str, int] | None = None) -> StageNeeds:
+    if not config.crosscoder.enabled:
+        return StageNeeds("crosscoders")
+    n, mem = _crosscoder_memory(config, d_model, n_devices, mesh)
+    width = config.crosscoder.width
+    one = mem.params // mem.saes_per_device
+    disk = n * one * (1 + 3 * config.crosscoder.keep_checkpoints)  # saved crosscoders plus training states
+    return StageNeeds("crosscoders", device=mem.total, host=n * one, disk=disk,
+                      device_parts=(("crosscoder stacks (params, grads, Adam, activations)", mem.total),),
+                      device_what=f"training {n} crosscoders of width {width:,} in one job (parameters, gradients, "
+                                  "Adam, activations)",
+                      host_what=f"the trained weights of {n} crosscoders of width {width:,}",
+                      disk_what=f"{n} crosscoders of width {width:,} and their checkpoints")
+
+
+def _evaluate_needs(config: StudyConfig, cfg: Gemma2Config, weights: int, batch_split: int) -> StageNeeds:
+    """The splice pass per device: the weights, float32 log-probs of one batch's stacked pass (base + adapters)
+    and of one splice's continuation (`lgeo_jax.lora.splice` runs the splices one after another), the
+    replaced residuals of every splice, and the SAEs (delta and random-init per adapter, the dictionary)."""
+    if not config.splice.enabled:
+        return StageNeeds("evaluate")
+    a, f32 = len(config.lora.ranks), 4
+    tokens = -(-config.splice.batch_size // batch_split) * config.data.max_length  # per device
+    log_probs = tokens * cfg.vocab_size * f32 * (1 + 2 * a)
+    replaced = tokens * a * cfg.d_model * f32 * len(SPLICES)
+    saes = (2 * a + 1) * _sae_bytes(cfg.d_model, config.sae.resolved_width(cfg.d_model), config)
+    return StageNeeds("evaluate", device=weights + log_probs + replaced + saes,
+                      device_what="the base weights, one splice batch's log-probs and the SAEs",
+                      device_parts=(("weights", weights), ("log-probs (one batch)", log_probs),
+                                    ("spliced residuals", replaced), ("SAEs", saes)))
 
 
 def _analysis_needs(config: StudyConfig, d_model: int, width: int) -> StageNeeds:
@@ -312,7 +373,7 @@ def this_machine(config: StudyConfig, *, devices: bool = True) -> Machine:
     stats = local[0].memory_stats() if local[0].platform != "cpu" else None
     cpu_share = host // len(local) if host is not None and local[0].platform == "cpu" else None  # one RAM
     device = _gib_bytes(r.device_memory_gib) or (stats or {}).get("bytes_limit") or cpu_share
-    return Machine(jax.device_count(), device, host, disk, where)  # the mesh spans every process's devices
+    return Machine(len(stage_devices() or jax.devices()), device, host, disk, where)  # what a stage's mesh spans
 
 
 def check_resources(config: StudyConfig, stages: Iterable[str]) -> None:
@@ -396,6 +457,8 @@ def _what_fits(config: StudyConfig, stage: str, kind: str, capacity: int, n_devi
         width = (capacity - (need(1) - slope)) // slope if slope > 0 else 0
         return (f"; an SAE width of at most {width:,} would fit (or fewer SAEs, a smaller sae.batch_size)" if width > 0
                 else "; no SAE width fits with these SAE counts")
+    if stage == "evaluate":
+        return "; its log-probs grow with splice.batch_size: lower it (1 holds one prompt's) or add fsdp devices"
     if stage == "corpus" and kind == "disk":
         tokens, _ = planned_tokens(config)
         per_token = corpus_size_bytes(config, tokens, cfg.d_model) / max(tokens, 1)
@@ -442,8 +505,8 @@ def device_summary(config: StudyConfig) -> tuple[str, str | None]:
     the CPU jaxlib" case), else None. Opens the devices."""
     devices = jax.devices()
     cfg, _ = planned_model_config(config)
-    try:
-        mesh = _mesh_text(mesh_sizes(config, cfg, len(devices), this_machine(config).device))
+    try:  # the mesh a stage runs on: this process's devices in a job of several (`stage_devices`)
+        mesh = _mesh_text(mesh_sizes(config, cfg, len(stage_devices() or devices), this_machine(config).device))
     except ValueError as e:
         mesh = f"unresolved ({e})"
     line = (f"backend {jax.default_backend()}, {len(devices)} x {devices[0].device_kind} "

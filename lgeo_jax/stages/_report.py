@@ -9,6 +9,7 @@ import numpy as np
 from lgeo_jax.files import read_json
 from lgeo_jax.report import write_report
 from lgeo_jax.stages._crosscoders import crosscoder_results_path
+from lgeo_jax.stages._evaluate import evaluate_results_path
 from lgeo_jax.stages._layout import layer_arrays_path, results_path
 from lgeo_jax.stages._manifest import Run, StageRun
 from lgeo_jax.study import StudyConfig
@@ -21,6 +22,7 @@ def run_report(config: StudyConfig, stage: StageRun, run: Run) -> None:
         raise ValueError(f"{path} is missing; run the analysis stage to completion first")
     results = json.loads(path.read_text())
     results["crosscoder"] = read_json(crosscoder_results_path(run.stage_dir("crosscoders")), needed_by="the report")
+    results["splice"] = read_json(evaluate_results_path(run.stage_dir("evaluate")), needed_by="the report")
     arrays = {}
     for layer in results["meta"]["layers"]:
         with np.load(layer_arrays_path(run, layer), allow_pickle=False) as npz:
