@@ -9,6 +9,11 @@ The runs are subprocesses with their own XLA_FLAGS (this process has the conftes
 - SAE-derived figures: the SAEs train two epochs on those slightly different deltas, and counts (top-k
   overlaps, densities) move in steps of one feature, so relative 5e-2 (floor 0.01), median 1e-3. Measured for
   fsdp=4 x model=2: max 2.7e-2 (Table 8), median 0.
+- the splice's `effect_recovered.*` (table `splice`): fractions of the adapter's effect, 1 - KL_x / KL_base,
+  whose natural scale is 1, not their value (they cross 0): absolute 2e-2, median 1e-3. Micro's KL_base is small
+  and its 16 prompts set the interval ends, so the SAEs' differences above are amplified: measured for
+  data=2 x fsdp=2 x model=2: max 1.0e-2 absolute (`delta_sae_minus_random_sae.ci_low`); the KL and CE values
+  themselves stay inside the SAE-derived rule.
 """
 
 from __future__ import annotations
@@ -81,11 +86,17 @@ def assert_same_figures(a: Path, b: Path) -> None:
     for k, x in va.items():
         y = vb[k]
         assert (x is None) == (y is None), k
-        if x is not None:
-            errors[dict(k)["table"] in NO_SAE_TABLES].append(abs(x - y) / max(abs(x), 1e-2))
-    for no_sae, (max_tol, median_tol) in ((True, (1e-2, 1e-4)), (False, (5e-2, 1e-3))):
-        e = np.asarray(errors[no_sae])
-        assert e.size and e.max() <= max_tol and np.median(e) <= median_tol, (no_sae, e.max(), np.median(e))
+        if x is None:
+            continue
+        row = dict(k)
+        if row["table"] == "splice" and row["metric"].startswith("effect_recovered."):
+            errors["splice effect"].append(abs(x - y))
+        else:
+            errors["no SAE" if row["table"] in NO_SAE_TABLES else "SAE"].append(abs(x - y) / max(abs(x), 1e-2))
+    for kind, (max_tol, median_tol) in (("no SAE", (1e-2, 1e-4)), ("SAE", (5e-2, 1e-3)),
+                                        ("splice effect", (2e-2, 1e-3))):
+        e = np.asarray(errors[kind])
+        assert e.size and e.max() <= max_tol and np.median(e) <= median_tol, (kind, e.max(), np.median(e))
 
 
 def _mesh_run(tmp_path: Path, one_device: Path, mesh: str) -> None:

@@ -148,6 +148,7 @@ def assert_same_corpus_exactly(one: Path, two: Path) -> None:
     assert not list((two / "corpus").glob("corpus-commits.*"))
 
 
+@pytest.mark.slow  # the default set's kill-and-rerun test ends with the same two-process extraction and check
 def test_two_processes_extract_the_corpus_one_process_does(tmp_path, adapters, one_process):
     out = _copy(adapters, tmp_path)
     _extract_on_two(out)
