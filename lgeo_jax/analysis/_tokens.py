@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Float, Int
 
-from lgeo_jax.sae import SAE, SAEConfig, decode, encode
+from lgeo_jax.sae import SAE, SAEConfig, forward
 from lgeo_jax.stats import PromptSums
 
 RECONS = ("direct", "difference", "zero_input", "mean_delta")
@@ -40,8 +40,7 @@ T8_VARIANTS = ("all", "nonzero")  # every dictionary latent / only latents that 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _forward(params: dict, scale: jax.Array, x: jax.Array, cfg: SAEConfig) -> tuple[jax.Array, jax.Array]:
     with jax.default_matmul_precision("highest"):
-        f = encode(params, x / scale, cfg)  # [B, F]
-        return f, decode(params, f) * scale  # [B, F], [B, D]
+        return forward(params, scale, x, cfg)  # [B, F], [B, D]
 
 
 class DeviceSAE:

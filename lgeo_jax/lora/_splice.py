@@ -34,7 +34,7 @@ from jaxtyping import Array, Float, Int
 from lgeo_jax.lora._adapters import LoraAdapters, prepare_adapters, stacked_lora
 from lgeo_jax.lora._residuals import check_layers
 from lgeo_jax.model import Gemma2
-from lgeo_jax.sae import SAE, SAEConfig, decode, encode
+from lgeo_jax.sae import SAE, forward
 from lgeo_jax.sharding import DEFAULT_RULES, LogicalAxisRules, mesh_context, mesh_of, place, put
 
 
@@ -67,11 +67,6 @@ class SpliceTokens:
     row: Int[np.ndarray, " N"]  # the batch row each token belongs to
 
 
-def _reconstruct(params: dict[str, jax.Array], scale: jax.Array, x: jax.Array, cfg: SAEConfig) -> jax.Array:
-    """`SAE.reconstruct` with traced parameters: [N, D] original units -> [N, D]."""
-    return decode(params, encode(params, x / scale, cfg)) * scale
-
-
 def _splice_delta(spec, params, scale, h_base: jax.Array, h_adapted: jax.Array) -> jax.Array:
     """What one splice adds to h_base: [B, A, T, D] float32 from h_base [B, T, D] and h_adapted [B, A, T, D]."""
     on, cfg, shared = spec
@@ -79,7 +74,7 @@ def _splice_delta(spec, params, scale, h_base: jax.Array, h_adapted: jax.Array) 
         return jnp.zeros_like(h_adapted)
     b, a, t, d = h_adapted.shape
     per_adapter = lambda x: x.swapaxes(0, 1).reshape(a, b * t, d)  # [B, A, T, D] -> [A, B*T, D]
-    recon = jax.vmap(functools.partial(_reconstruct, cfg=cfg), in_axes=(None if shared else 0,) * 2 + (0,))
+    recon = jax.vmap(lambda p, s, x: forward(p, s, x, cfg)[1], in_axes=(None if shared else 0,) * 2 + (0,))
     base = jnp.broadcast_to(h_base[:, None], h_adapted.shape)  # [B, A, T, D]
     if on is SpliceInput.DELTA:
         out = recon(params, scale, per_adapter(h_adapted - base))  # [A, B*T, D]

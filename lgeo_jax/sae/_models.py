@@ -111,6 +111,13 @@ def decode(params: Params, f: Float[Array, "B F"], matmul_dtype: str | None = No
     return matmul(f, params["W_dec"], matmul_dtype) + params["b_dec"]  # [B, D]
 
 
+def forward(params: Params, scale: jax.Array, x: Float[Array, "B D"],
+            cfg: SAEConfig) -> tuple[Float[Array, "B F"], Float[Array, "B D"]]:
+    """Latents and reconstruction of x in original units (the SAE sees x / scale), on traced parameters."""
+    f = encode(params, x / scale, cfg)  # [B, F]
+    return f, decode(params, f) * scale  # [B, F], [B, D]
+
+
 @dataclasses.dataclass(frozen=True)
 class SAE:
     """One SAE ready to use: config, parameters (SAE units) and the RMS scale ``s`` it was trained with.
